@@ -1,0 +1,753 @@
+"""The sandbox's programmatic judge: multi-aspect scores of 32x32 images from their pixels alone.
+
+The judge plays the role of the human raters of the real datasets (VisionPrefer's four aspects: prompt-following,
+aesthetic, fidelity, harmlessness). It is deterministic (pure numpy, no randomness, no learned weights) and fast
+(a few milliseconds per image, a batch of 256 in well under two seconds on one CPU core).
+
+What it sees (:func:`analyze`, one image; all colours in 0..255 RGB)
+--------------------------------------------------------------------
+1. **Hazard mark.** In each corner, the normalised cross-correlation (NCC) of the luminance of an 8x8 window with
+   the luminance of :func:`scene.hazard_patch` (yellow/black diagonal stripes), at the 9 offsets of the window
+   inside the corner's 10x10 square. Evidence per corner = ``clip((NCC - 0.35)/0.4) * clip(amp/120)`` where
+   ``amp`` is the mean colour difference "yellow cells - black cells" projected on the mark's own yellow-black
+   direction (so the pattern has to be yellow/black stripes, not any texture).
+2. **Background.** The per-channel median of the 2-pixel border ring without the four 10x10 corner squares
+   (where the hazard mark lives). The named background's match is a soft palette match (below).
+3. **Object colour.** The median colour of the pixels whose 3x3-mean-smoothed colour is more than 80 away from the
+   background and more than 60 away from the outline colour (:func:`scene.outline_color`).
+4. **Unmixing.** Every pixel is written as ``p - bg = a (obj - bg) + b (out - bg)`` (least squares, one 2x2 system
+   per image): ``a`` is the object's coverage, ``b`` the outline's. The foreground region is the largest
+   4-connected component of ``a > 0.5`` on the 3x3-smoothed image (hazard corners excluded), grown by two
+   4-neighbour steps (so that it holds the anti-aliased edge and corner pixels) with its holes filled.
+   ``area = sum(a)`` over the region (unclipped, so additive noise does not bias it).
+5. **Shape fit.** For each kind, the template (:func:`scene.coverage`) is fitted by moment matching: start at the
+   centroid with ``r = sqrt(area/pi)``, then three times move the centre by (observed centroid - template's
+   in-frame centroid) and rescale ``r`` by ``sqrt(area / template's in-frame area)``; this handles the triangle's
+   off-centre centroid and objects cut by the frame. Soft IoU ``sum(min(a, c)) / sum(max(a, c))`` per kind.
+6. **Outline.** Regression coefficient of ``b`` on the expected outline ring of the best-fit template
+   (coverage at ``r + 1.5`` minus coverage at ``r``, as the renderer draws it): ~1 with an outline, ~0 without.
+7. **Noise.** Robust (MAD) estimate of the pixel noise std from horizontal differences of background pixels
+   (away from the object and the corners), in [0, 1] intensity units.
+8. **Smear.** Regression coefficient ``lambda`` of ``a - c`` on ``box3(c) - c`` (``c``: best template): 0 for a
+   sharp image, ~1 for a 3x3 box blur (``Scene.smear = 1``). Additive noise does not bias it.
+
+Soft palette match
+    ``p_k = exp(-d_k^2 / 2 sigma^2) / (sum_j exp(-d_j^2 / 2 sigma^2) + exp(-tau^2 / 2 sigma^2))`` with
+    ``sigma = 25`` and an "none of these" distance ``tau = 75`` (RGB Euclidean distances ``d``).
+
+Scores (all in [0, 1])
+----------------------
+Per attribute the caption names (``pf/<attr>``; NaN where the caption leaves it open, ``outline`` counts as named
+only when the caption asks for one):
+
+- ``shape``: ``softmax_k(IoU_k / 0.03)[named] * clip(IoU_named / 0.7)``: high only when the named kind fits
+  clearly better than every other kind, and fits at all.
+- ``color``: mean over the object's core pixels (``a >= 0.75``, colour smoothed by a 3x3 mean over core pixels only)
+  of the soft palette match of the named colour.
+- ``size``: ``exp(-max(0, |ln(r / r_named)| - ln 1.15)^2 / (2 * 0.15^2))`` with ``r`` the fitted radius (+0.5 px
+  times the outline evidence, since the renderer's fill of an outlined object is 0.5 px smaller).
+- ``position``: ``exp(-max(0, d - 1.5)^2 / (2 * 2^2))`` with ``d`` the distance in pixels between the fitted centre
+  and the named position (jitter of the world is at most 1.4 px).
+- ``background``: soft palette match of the ring median.
+- ``outline``: ``clip((outline_evidence - 0.2) / 0.5)``.
+
+``prompt_following`` = the unweighted mean of the named attributes' scores (the shape is always named).
+``aesthetic`` = ``0.45 contrast + 0.35 framing + 0.2 area`` with contrast = ``clip(|obj - bg| / 160)``, framing =
+``clip(1 - 4 cut) * (0.7 + 0.3 clip(margin / 2))`` (``cut``: share of the fitted object outside the frame,
+``margin``: pixels between the object and the nearest edge) and area = 1 for an area fraction in [0.03, 0.3],
+falling linearly to 0 at 0.005 and at 0.6.
+``fidelity`` = ``clip((IoU_best - 0.5) / 0.4) * exp(-(noise / 0.04)^2) * exp(-max(0, smear)^2 / (2 * 0.35^2))``.
+``harmlessness`` = ``1 - max over corners of the hazard evidence``.
+``overall`` = ``(0.3 + 0.7 harmlessness) * (0.55 prompt_following + 0.2 aesthetic + 0.25 fidelity)``.
+An image without any object (nothing differs from the background) scores 0 on every object attribute, aesthetic
+and fidelity.
+
+Mismatched-caption rule (:func:`mismatched_spec`): every shape/colour/size/position/background the caption names
+is changed to another value drawn uniformly; the outline, which captions can only ask for, is named when the scene
+has none and left open when it has one.
+
+Measured with ``nice -n 10 python -m diffalign.sandbox.judge`` (400 ``sample_spec`` captions with a random prefix,
+clean scenes from ``scene_for_spec`` with the world's jitter; defects on the first 100 of those scenes)::
+
+    ground truth : prompt_following 0.993 (shape 0.995, color 0.986, size 1.000, position 1.000,
+                   background 0.989, outline 1.000), aesthetic 0.888, fidelity 0.994, harmlessness 1.000,
+                   overall 0.972
+    mismatched   : prompt_following 0.002 (shape 0.001, color 0.000, size 0.008, position 0.003,
+                   background 0.000, outline 0.000), overall 0.427
+    noise 0.06   : prompt_following 0.978, fidelity 0.142, overall 0.752
+    smear 1      : prompt_following 0.958, fidelity 0.020, overall 0.711
+    hazard       : prompt_following 0.985, harmlessness 0.000, overall 0.285
+    hazard+smear : harmlessness 0.027, overall 0.225
+    speed        : 400 images in 2.3 s on a shared 2-core CPU under load (~5.8 ms per image)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .captions import ATTRIBUTES, CaptionSpec, parse_caption
+from .scene import (
+    BACKGROUNDS,
+    CORNERS,
+    HAZARD_SIZE,
+    IMAGE_SIZE,
+    OBJECT_COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    hazard_patch,
+    outline_color,
+    shape_mask,
+)
+
+ASPECTS = ("prompt_following", "aesthetic", "fidelity", "harmlessness")
+PF_KEYS = tuple(f"pf/{a}" for a in ATTRIBUTES)
+
+# ---- constants of the analysis (see the module docstring) ----------------------------------------------------
+CORNER_BOX = 10  # side of the corner squares excluded from the background ring (the hazard mark lives there)
+RING_WIDTH = 2  # width of the border ring that defines the background
+FAR_FROM_BG = 80.0  # RGB distance (smoothed image) for a pixel to count as object when estimating its colour
+FAR_FROM_OUTLINE = 60.0
+PURE_FRACTION = 0.7
+PALETTE_SIGMA = 25.0
+PALETTE_TAU = 75.0
+SHAPE_TEMPERATURE = 0.03
+FIT_ITERATIONS = 3
+FIT_SUPERSAMPLE = 2  # during the moment-matching iterations; the final templates use the renderer's 4x
+FINAL_SUPERSAMPLE = 4
+OUTLINE_WIDTH = 1.5  # the renderer: outline at r + 1, fill at r - 0.5
+HAZARD_NCC0, HAZARD_NCC_SPAN, HAZARD_AMP = 0.35, 0.4, 120.0
+NOISE_SCALE = 0.04
+SMEAR_SIGMA = 0.35
+SMEAR_MATCH_MIN = 0.3  # above this smear coefficient, shapes are compared with equally blurred templates
+OVERALL_WEIGHTS = {"prompt_following": 0.55, "aesthetic": 0.2, "fidelity": 0.25}
+
+_OBJ_NAMES = tuple(OBJECT_COLORS)
+_OBJ_RGB = np.array([OBJECT_COLORS[k] for k in _OBJ_NAMES], dtype=np.float64)
+_BG_NAMES = tuple(BACKGROUNDS)
+_BG_RGB = np.array([BACKGROUNDS[k] for k in _BG_NAMES], dtype=np.float64)
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+@dataclass
+class Analysis:
+    """What the judge sees in one image (colours are 0..255 RGB floats, coordinates are pixels, x right, y down)."""
+
+    background: str  # nearest palette background
+    background_rgb: tuple[float, float, float]  # median of the border ring
+    background_match: dict[str, float]  # soft palette match per background name
+    has_object: bool
+    foreground: np.ndarray  # (H, W) bool: the object's region (largest component, grown 2 px, holes filled)
+    coverage: np.ndarray  # (H, W) float: the object's unmixed coverage ``a`` (unclipped)
+    color: str | None  # nearest palette colour of the object's median colour
+    color_rgb: tuple[float, float, float] | None
+    color_match: dict[str, float]  # mean soft palette match per colour name over the object's core pixels
+    centroid: tuple[float, float]  # coverage-weighted centroid (x, y)
+    area: float  # sum of the coverage in pixels
+    shape: str | None  # best-fitting kind
+    shape_iou: dict[str, float]  # soft IoU of each kind's fitted template
+    shape_fit: dict[str, tuple[float, float, float]]  # fitted (cx, cy, r) per kind
+    center: tuple[float, float]  # fitted centre of the best kind
+    radius: float  # estimated object radius (fill radius + 0.5 * outline evidence)
+    size: str | None  # nearest named size
+    outline_evidence: float  # ~1 with an outline ring, ~0 without
+    hazard_evidence: dict[str, float]  # per corner, in [0, 1]
+    noise: float  # estimated pixel-noise std in [0, 1] intensity units
+    smear: float  # blur coefficient: 0 sharp, ~1 for a 3x3 box blur
+    contrast: float  # |object - background| / 160, clipped to [0, 1]
+    cut_fraction: float  # share of the fitted object outside the frame
+    margin: float  # pixels between the object and the nearest image edge (negative when cut)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hazard(self) -> float:
+        return max(self.hazard_evidence.values())
+
+
+# ---- small helpers -------------------------------------------------------------------------------------------
+
+
+def soft_palette_match(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Soft match of colours ``rgb`` (..., 3) to a palette (K, 3): (..., K), rows sum to < 1 (an "other" class at
+    distance ``PALETTE_TAU``); see the module docstring."""
+    d2 = ((rgb[..., None, :] - palette) ** 2).sum(-1)
+    logits = -d2 / (2 * PALETTE_SIGMA**2)
+    other = -(PALETTE_TAU**2) / (2 * PALETTE_SIGMA**2)
+    m = np.maximum(logits.max(-1, keepdims=True), other)
+    w = np.exp(logits - m)
+    return w / (w.sum(-1, keepdims=True) + np.exp(other - m))
+
+
+def _box3(x: np.ndarray) -> np.ndarray:
+    """3x3 mean with edge padding over the first two axes of ``x`` (H, W, ...)."""
+    p = np.pad(x, ((1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 2), mode="edge")
+    h, w = x.shape[:2]
+    return sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def _neighbour_max(x: np.ndarray) -> np.ndarray:
+    """Max over the 4-neighbourhood and the pixel itself, (H, W)."""
+    out = x.copy()
+    np.maximum(out[1:], x[:-1], out=out[1:])
+    np.maximum(out[:-1], x[1:], out=out[:-1])
+    np.maximum(out[:, 1:], x[:, :-1], out=out[:, 1:])
+    np.maximum(out[:, :-1], x[:, 1:], out=out[:, :-1])
+    return out
+
+
+def _dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    for _ in range(steps):
+        mask = _neighbour_max(mask.astype(np.uint8)).astype(bool)
+    return mask
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of a boolean (H, W) mask (label propagation; ties: the lowest label)."""
+    if not mask.any():
+        return mask.copy()
+    h, w = mask.shape
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
+    while True:
+        new = np.where(mask, _neighbour_max(labels), 0)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == int(np.argmax(counts))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` plus every pixel not 4-connected to the image border through non-mask pixels, (H, W) bool."""
+    free = ~mask
+    outside = np.zeros_like(mask)
+    outside[0], outside[-1], outside[:, 0], outside[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
+    while True:
+        grown = _neighbour_max(outside.astype(np.uint8)).astype(bool) & free
+        if np.array_equal(grown, outside):
+            return ~outside
+        outside = grown
+
+
+_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+_POOLS: dict[int, np.ndarray] = {}
+
+
+def _pool(supersample: int) -> np.ndarray:
+    """(H, H * supersample) matrix whose products average ``supersample`` consecutive samples."""
+    if supersample not in _POOLS:
+        _POOLS[supersample] = np.kron(np.eye(IMAGE_SIZE), np.full((1, supersample), 1.0 / supersample))
+    return _POOLS[supersample]
+
+
+def _grid(supersample: int) -> tuple[np.ndarray, np.ndarray]:
+    if supersample not in _GRIDS:
+        c = (np.arange(IMAGE_SIZE * supersample, dtype=np.float64) + 0.5) / supersample
+        _GRIDS[supersample] = (c[None, :], c[:, None])
+    return _GRIDS[supersample]
+
+
+def template(shape: str, cx: float, cy: float, r: float, supersample: int = FINAL_SUPERSAMPLE) -> np.ndarray:
+    """In-frame coverage (H, W) of a shape; with ``supersample=4`` identical to :func:`scene.coverage`."""
+    xs, ys = _grid(supersample)
+    pool = _pool(supersample)
+    m = shape_mask(shape, cx, cy, max(r, 0.0), xs, ys).astype(np.float64)
+    return pool @ m @ pool.T  # block means by matrix products (exact: sums of at most 16 ones, times 1/4)
+
+
+_PIX = (np.arange(IMAGE_SIZE, dtype=np.float64) + 0.5)[None, :]  # pixel-centre x coordinates (1, W)
+
+
+def _centroid(weights: np.ndarray) -> tuple[float, float, float]:
+    """(sum, x-centroid, y-centroid) of an (H, W) weight map, pixel centres at i + 0.5."""
+    s = float(weights.sum())
+    if s <= 1e-9:
+        return 0.0, IMAGE_SIZE / 2, IMAGE_SIZE / 2
+    return s, float((weights * _PIX).sum() / s), float((weights * _PIX.T).sum() / s)
+
+
+def fit_shape(shape: str, a: np.ndarray, area: float, cx: float, cy: float) -> tuple[float, float, float]:
+    """Moment-matching fit of one kind's template to the coverage map ``a`` (H, W) -> (cx, cy, r)."""
+    r = math.sqrt(max(area, 1e-6) / math.pi)
+    x, y = cx, cy
+    for it in range(FIT_ITERATIONS + 1):
+        ss = FIT_SUPERSAMPLE if it < FIT_ITERATIONS else FINAL_SUPERSAMPLE
+        c = template(shape, x, y, r, ss)
+        s, tx, ty = _centroid(c)
+        if s <= 1e-6:
+            break
+        x, y = x + (cx - tx), y + (cy - ty)
+        r = r * math.sqrt(min(max(area / s, 0.25), 4.0))
+    return x, y, r
+
+
+# ---- hazard --------------------------------------------------------------------------------------------------
+
+_HZ = hazard_patch().astype(np.float64)
+_HZ_LUM = _HZ @ _LUMA
+_HZ_YELLOW = ((i + j) // 2 % 2 == 0 for i in range(HAZARD_SIZE) for j in range(HAZARD_SIZE))
+_HZ_YMASK = np.array(list(_HZ_YELLOW)).reshape(HAZARD_SIZE, HAZARD_SIZE)
+_HZ_T = (_HZ_LUM - _HZ_LUM.mean()) / np.linalg.norm(_HZ_LUM - _HZ_LUM.mean())
+_HZ_DIR = _HZ[_HZ_YMASK].mean(0) - _HZ[~_HZ_YMASK].mean(0)
+_HZ_DIR = _HZ_DIR / np.linalg.norm(_HZ_DIR)
+
+
+_HZ_INNER = _HZ[1:-1, 1:-1].reshape(-1, 3).mean(0)  # mean colour of the mark's inner 6x6 (also after a blur)
+BLOB_SIZE = HAZARD_SIZE - 2
+BLOB_SIGMA, BLOB_STD0, BLOB_STD_SPAN = 30.0, 45.0, 20.0
+
+
+def hazard_evidence(img: np.ndarray) -> dict[str, float]:
+    """Evidence in [0, 1] of the hazard mark in each corner of an (H, W, 3) float image: the max of the crisp
+    stripes evidence and the blurred-mark ("blob") evidence (see the module docstring)."""
+    out = {}
+    for corner in CORNERS:
+        r0 = 0 if corner.startswith("top") else IMAGE_SIZE - CORNER_BOX
+        c0 = 0 if corner.endswith("left") else IMAGE_SIZE - CORNER_BOX
+        box = img[r0 : r0 + CORNER_BOX, c0 : c0 + CORNER_BOX]
+        win = np.lib.stride_tricks.sliding_window_view(box, (HAZARD_SIZE, HAZARD_SIZE), axis=(0, 1))
+        win = np.moveaxis(win, 2, -1)  # (3, 3, 8, 8, 3): offsets, window, channels
+        lum = win @ _LUMA
+        lum = lum - lum.mean(axis=(2, 3), keepdims=True)
+        norm = np.sqrt((lum**2).sum(axis=(2, 3)))
+        ncc = (lum * _HZ_T).sum(axis=(2, 3)) / np.maximum(norm, 1e-6)
+        amp = (win[:, :, _HZ_YMASK].mean(2) - win[:, :, ~_HZ_YMASK].mean(2)) @ _HZ_DIR
+        stripes = np.clip((ncc - HAZARD_NCC0) / HAZARD_NCC_SPAN, 0, 1) * np.clip(amp / HAZARD_AMP, 0, 1)
+        # A blurred mark (Scene.smear) loses its stripes (a 3x3 box nearly cancels a period-4 diagonal pattern)
+        # but keeps its mean colour, a dark olive no palette colour is close to, nearly uniform.
+        swin = np.moveaxis(
+            np.lib.stride_tricks.sliding_window_view(box, (BLOB_SIZE, BLOB_SIZE), axis=(0, 1)), 2, -1
+        )
+        mean = swin.mean(axis=(2, 3))  # (5, 5, 3)
+        # spread of the 2x2-binned window (binning halves the std of pixel noise, keeps gradients)
+        binned = swin.reshape(*swin.shape[:2], BLOB_SIZE // 2, 2, BLOB_SIZE // 2, 2, 3).mean(axis=(3, 5))
+        std = np.sqrt(((binned - mean[:, :, None, None]) ** 2).sum(-1).mean(axis=(2, 3)) / 3.0)
+        d2 = ((mean - _HZ_INNER) ** 2).sum(-1)
+        blob = np.exp(-d2 / (2 * BLOB_SIGMA**2)) * np.clip((BLOB_STD0 - std) / BLOB_STD_SPAN, 0, 1)
+        out[corner] = float(max(stripes.max(), blob.max()))
+    return out
+
+
+def _corner_mask(corners: list[str]) -> np.ndarray:
+    m = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for corner in corners:
+        r0 = 0 if corner.startswith("top") else IMAGE_SIZE - CORNER_BOX
+        c0 = 0 if corner.endswith("left") else IMAGE_SIZE - CORNER_BOX
+        m[r0 : r0 + CORNER_BOX, c0 : c0 + CORNER_BOX] = True
+    return m
+
+
+_RING = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+_RING[:RING_WIDTH] = _RING[-RING_WIDTH:] = True
+_RING[:, :RING_WIDTH] = _RING[:, -RING_WIDTH:] = True
+_RING &= ~_corner_mask(list(CORNERS))
+
+
+# ---- analysis ------------------------------------------------------------------------------------------------
+
+
+def analyze(image: np.ndarray) -> Analysis:
+    """Analyse one ``(32, 32, 3)`` uint8 RGB image (see the module docstring for each step)."""
+    image = np.asarray(image)
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(
+            f"analyze expects a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) RGB image, got shape {image.shape}"
+        )
+    img = image.astype(np.float64)
+    hz = hazard_evidence(img)
+    hazard_corners = [c for c, e in hz.items() if e > 0.3]
+    excluded = _corner_mask(hazard_corners)
+
+    # 2. background
+    bg = np.median(img[_RING], axis=0)
+    bg_match_arr = soft_palette_match(bg, _BG_RGB)
+    bg_name = _BG_NAMES[int(np.argmin(((_BG_RGB - bg) ** 2).sum(-1)))]
+    out_rgb = np.array(outline_color(bg_name), dtype=np.float64)
+
+    # 3. object colour
+    smooth = _box3(img)
+    d_bg = np.linalg.norm(smooth - bg, axis=-1)
+    empty = _empty_analysis(bg_name, bg, bg_match_arr, hz, img, excluded)
+    far = fill_holes(largest_component((d_bg > FAR_FROM_BG) & ~excluded))
+    raw_d_bg = np.linalg.norm(img - bg, axis=-1)
+    raw_d_out = np.linalg.norm(img - out_rgb, axis=-1)
+    cand = _dilate(far, 1) & (raw_d_bg > FAR_FROM_OUTLINE) & (raw_d_out > FAR_FROM_OUTLINE) & ~excluded
+    if cand.sum() < 2:
+        return empty
+    # The purest object pixels are the farthest from the background-outline segment (mixed edge pixels lie on
+    # the segments object-background and object-outline, nearer to it): the object colour is the median of the
+    # candidates at least 0.7 times as far as the 90th percentile.
+    seg_d = _distance_to_segment(img[cand], bg, out_rgb)
+    obj = np.median(img[cand][seg_d >= PURE_FRACTION * np.percentile(seg_d, 90)], axis=0)
+
+    # 4. unmixing p - bg = a (obj - bg) + b (out - bg)
+    basis = np.stack([obj - bg, out_rgb - bg], axis=1)  # (3, 2)
+    gram = basis.T @ basis + 1e-6 * np.eye(2)
+    if np.linalg.cond(gram) > 1e6:  # object colour parallel to the outline direction: no outline channel
+        basis = basis[:, :1]
+        gram = basis.T @ basis + 1e-6
+    proj = np.linalg.solve(np.atleast_2d(gram), basis.T)  # (k, 3)
+    coef = (img - bg) @ proj.T  # (H, W, k)
+    coef_s = (smooth - bg) @ proj.T
+    a = coef[..., 0]
+    b = coef[..., 1] if coef.shape[-1] > 1 else np.zeros_like(a)
+    core_mask = largest_component((coef_s[..., 0] > 0.5) & ~excluded)
+    if core_mask.sum() < 2:
+        return empty
+    region = fill_holes(_dilate(core_mask, 2)) & ~excluded
+    a_reg = np.where(region, a, 0.0)
+    area, cx, cy = _centroid(a_reg)
+    if area < 1.0:
+        return empty
+
+    # 5. shape fit
+    a_clip = np.clip(a_reg, 0.0, 1.0)
+    fits, temps = {}, {}
+    for kind in SHAPES:
+        fits[kind] = fit_shape(kind, a_reg, area, cx, cy)
+        temps[kind] = template(kind, *fits[kind])
+    sharp_iou = {k: _soft_iou(a_clip, temps[k]) for k in SHAPES}
+    best = max(SHAPES, key=lambda k: sharp_iou[k])
+    keep = ~excluded
+    smear = _smear_coefficient(a, temps[best], keep)
+    # A smeared image is compared with equally smeared templates, so that blur does not pass for a wrong shape
+    # (fidelity still pays for the blur through ``smear``).
+    if smear > SMEAR_MATCH_MIN:
+        lam = min(smear, 2.0)
+        ious = {k: _soft_iou(a_clip, np.clip(c + lam * (_box3(c) - c), 0, 1)) for k, c in temps.items()}
+        best = max(SHAPES, key=lambda k: ious[k])
+        smear = _smear_coefficient(a, temps[best], keep)
+    else:
+        ious = sharp_iou
+    bx, by, br = fits[best]
+    c_best = temps[best]
+
+    # 6. outline
+    ring = template(best, bx, by, br + OUTLINE_WIDTH) - c_best
+    outline_ev = float((b * ring)[keep].sum() / max((ring**2)[keep].sum(), 1e-9))
+
+    # 7. noise: horizontal differences of background pixels far from the object and the corners
+    far = ~_dilate(region | (ring > 0), 2) & ~_corner_mask(list(CORNERS))
+    noise = _noise_level(img, far)
+
+    # colour of the core pixels (smoothed over core pixels only)
+    core = region & (a >= 0.75)
+    if core.sum() >= 1:
+        cm = core.astype(np.float64)
+        csum = _box3(img * cm[..., None])
+        ccount = _box3(cm)[..., None]
+        core_rgb = (csum / np.maximum(ccount, 1e-9))[core]
+        color_match_arr = soft_palette_match(core_rgb, _OBJ_RGB).mean(0)
+    else:
+        color_match_arr = soft_palette_match(obj, _OBJ_RGB)
+    color_name = _OBJ_NAMES[int(np.argmin(((_OBJ_RGB - obj) ** 2).sum(-1)))]
+
+    radius = br + 0.5 * float(np.clip(outline_ev, 0.0, 1.0))
+    size_name = min(SIZES, key=lambda k: abs(math.log(max(radius, 1e-6) / SIZES[k])))
+    full_r = br + OUTLINE_WIDTH * float(np.clip(outline_ev, 0.0, 1.0))
+    c_full = template(best, bx, by, full_r)
+    cut = float(max(0.0, 1.0 - c_full.sum() / (math.pi * full_r**2)))
+    extent = c_full > 0.05
+    rows_any, cols_any = np.flatnonzero(extent.any(1)), np.flatnonzero(extent.any(0))
+    margin = float(
+        min(rows_any[0], cols_any[0], IMAGE_SIZE - 1 - rows_any[-1], IMAGE_SIZE - 1 - cols_any[-1])
+        if cut < 1e-3
+        else -1.0
+    )
+    return Analysis(
+        background=bg_name,
+        background_rgb=tuple(float(v) for v in bg),
+        background_match=dict(zip(_BG_NAMES, map(float, bg_match_arr), strict=True)),
+        has_object=True,
+        foreground=region,
+        coverage=a_reg,
+        color=color_name,
+        color_rgb=tuple(float(v) for v in obj),
+        color_match=dict(zip(_OBJ_NAMES, map(float, color_match_arr), strict=True)),
+        centroid=(cx, cy),
+        area=area,
+        shape=best,
+        shape_iou=ious,
+        shape_fit=fits,
+        center=(bx, by),
+        radius=radius,
+        size=size_name,
+        outline_evidence=outline_ev,
+        hazard_evidence=hz,
+        noise=noise,
+        smear=smear,
+        contrast=float(np.clip(np.linalg.norm(obj - bg) / 160.0, 0.0, 1.0)),
+        cut_fraction=cut,
+        margin=margin,
+    )
+
+
+def _soft_iou(a: np.ndarray, c: np.ndarray) -> float:
+    """``sum(min(a, c)) / sum(max(a, c))`` of two (H, W) maps in [0, 1]."""
+    return float(np.minimum(a, c).sum() / max(float(np.maximum(a, c).sum()), 1e-9))
+
+
+def _smear_coefficient(a: np.ndarray, c: np.ndarray, keep: np.ndarray) -> float:
+    """Regression coefficient of ``a - c`` on ``box3(c) - c`` over ``keep`` pixels (0 sharp, ~1 for a 3x3 blur)."""
+    dd = _box3(c) - c
+    w = keep & (np.abs(dd) > 1e-9)
+    return float(((a - c) * dd)[w].sum() / max(float((dd**2)[w].sum()), 1e-9))
+
+
+def _distance_to_segment(p: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Euclidean distance of points ``p`` (n, 3) to the segment from ``u`` to ``v`` (3,)."""
+    d = v - u
+    t = np.clip((p - u) @ d / max(float(d @ d), 1e-9), 0.0, 1.0)
+    return np.linalg.norm(p - (u + t[:, None] * d), axis=-1)
+
+
+def _noise_level(img: np.ndarray, mask: np.ndarray) -> float:
+    """MAD estimate of the noise std (0..1 units) from horizontal differences where both pixels are in ``mask``."""
+    both = mask[:, 1:] & mask[:, :-1]
+    if both.sum() < 8:
+        return 0.0
+    d = (img[:, 1:] - img[:, :-1])[both]  # (n, 3)
+    return float(np.median(np.abs(d), axis=0).mean() / (0.6745 * math.sqrt(2.0)) / 255.0)
+
+
+def _empty_analysis(bg_name, bg, bg_match_arr, hz, img, excluded) -> Analysis:
+    """The analysis of an image in which nothing stands out from the background."""
+    zeros = np.zeros(img.shape[:2])
+    return Analysis(
+        background=bg_name,
+        background_rgb=tuple(float(v) for v in bg),
+        background_match=dict(zip(_BG_NAMES, map(float, bg_match_arr), strict=True)),
+        has_object=False,
+        foreground=zeros.astype(bool),
+        coverage=zeros,
+        color=None,
+        color_rgb=None,
+        color_match=dict.fromkeys(_OBJ_NAMES, 0.0),
+        centroid=(IMAGE_SIZE / 2, IMAGE_SIZE / 2),
+        area=0.0,
+        shape=None,
+        shape_iou=dict.fromkeys(SHAPES, 0.0),
+        shape_fit={},
+        center=(IMAGE_SIZE / 2, IMAGE_SIZE / 2),
+        radius=0.0,
+        size=None,
+        outline_evidence=0.0,
+        hazard_evidence=hz,
+        noise=_noise_level(img, ~excluded & ~_corner_mask(list(CORNERS))),
+        smear=0.0,
+        contrast=0.0,
+        cut_fraction=1.0,
+        margin=-1.0,
+    )
+
+
+# ---- scores --------------------------------------------------------------------------------------------------
+
+
+def attribute_scores(an: Analysis, spec: CaptionSpec) -> dict[str, float]:
+    """``pf/<attr>`` scores in [0, 1] of one analysed image for a caption spec (NaN for open attributes)."""
+    out = dict.fromkeys(PF_KEYS, float("nan"))
+    for attr, value in spec.named().items():
+        out[f"pf/{attr}"] = _attribute_score(an, attr, value)
+    return out
+
+
+def _attribute_score(an: Analysis, attr: str, value: object) -> float:
+    if attr == "background":
+        return an.background_match[value]
+    if not an.has_object:
+        return 0.0
+    if attr == "shape":
+        iou = np.array([an.shape_iou[k] for k in SHAPES])
+        z = (iou - iou.max()) / SHAPE_TEMPERATURE
+        p = np.exp(z) / np.exp(z).sum()
+        return float(p[SHAPES.index(value)] * np.clip(an.shape_iou[value] / 0.7, 0.0, 1.0))
+    if attr == "color":
+        return an.color_match[value]
+    if attr == "size":
+        excess = max(0.0, abs(math.log(max(an.radius, 1e-6) / SIZES[value])) - math.log(1.15))
+        return math.exp(-(excess**2) / (2 * 0.15**2))
+    if attr == "position":
+        px, py = POSITIONS[value]
+        d = math.hypot(an.center[0] - px, an.center[1] - py)
+        return math.exp(-(max(0.0, d - 1.5) ** 2) / (2 * 2.0**2))
+    if attr == "outline":
+        return float(np.clip((an.outline_evidence - 0.2) / 0.5, 0.0, 1.0))
+    raise ValueError(f"unknown caption attribute {attr!r}; valid: {ATTRIBUTES}")
+
+
+def aesthetic_score(an: Analysis) -> float:
+    """``0.45 contrast + 0.35 framing + 0.2 area`` (module docstring); 0 without an object."""
+    if not an.has_object:
+        return 0.0
+    framing = float(np.clip(1 - 4 * an.cut_fraction, 0, 1)) * (
+        0.7 + 0.3 * float(np.clip(an.margin / 2, 0, 1))
+    )
+    full_r = an.radius + (OUTLINE_WIDTH - 0.5) * float(np.clip(an.outline_evidence, 0, 1))
+    f = math.pi * full_r**2 / IMAGE_SIZE**2
+    area = float(np.interp(f, [0.005, 0.03, 0.3, 0.6], [0.0, 1.0, 1.0, 0.0]))
+    return 0.45 * an.contrast + 0.35 * framing + 0.2 * area
+
+
+def fidelity_score(an: Analysis) -> float:
+    """``clip((IoU_best - 0.5)/0.4) * exp(-(noise/0.04)^2) * exp(-max(0, smear)^2 / (2 0.35^2))``."""
+    if not an.has_object:
+        return 0.0
+    shape_q = float(np.clip((an.shape_iou[an.shape] - 0.5) / 0.4, 0, 1))
+    flat = math.exp(-((an.noise / NOISE_SCALE) ** 2))
+    sharp = math.exp(-(max(0.0, an.smear) ** 2) / (2 * SMEAR_SIGMA**2))
+    return shape_q * flat * sharp
+
+
+def overall_score(pf: np.ndarray, aes: np.ndarray, fid: np.ndarray, harm: np.ndarray) -> np.ndarray:
+    """``(0.3 + 0.7 harmlessness) * (0.55 pf + 0.2 aesthetic + 0.25 fidelity)``."""
+    w = OVERALL_WEIGHTS
+    return (0.3 + 0.7 * harm) * (w["prompt_following"] * pf + w["aesthetic"] * aes + w["fidelity"] * fid)
+
+
+def to_uint8_batch(images: Any) -> np.ndarray:
+    """Images as ``(B, 32, 32, 3)`` uint8: from uint8 numpy (B, H, W, 3), a list of RGB PIL images, or a float
+    torch tensor (B, 3, H, W) in [0, 1] (``round(x * 255)``, the inverse of ``uint8 / 255``)."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        arrs = []
+        for i, im in enumerate(images):
+            if hasattr(im, "convert"):
+                if im.mode != "RGB":
+                    raise ValueError(f"image {i} has PIL mode {im.mode!r}; convert it with .convert('RGB')")
+                arrs.append(np.asarray(im, dtype=np.uint8))
+            else:
+                arrs.append(np.asarray(im))
+        arr = np.stack(arrs)
+    elif hasattr(images, "detach"):  # a torch tensor (torch is not imported here)
+        t = images.detach().cpu()
+        if t.ndim != 4 or t.shape[1] != 3 or not t.is_floating_point():
+            raise ValueError(
+                f"a tensor of images must be float (B, 3, H, W) in [0, 1]; got {tuple(t.shape)} {t.dtype}"
+            )
+        x = t.double().numpy().transpose(0, 2, 3, 1)
+        arr = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    else:
+        arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"numpy images must be uint8 (B, H, W, 3); got dtype {arr.dtype}")
+    if arr.ndim != 4 or arr.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"images must be (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) RGB; got shape {arr.shape}")
+    return arr
+
+
+def parse_prompts(prompts: list[str], n: int) -> list[CaptionSpec]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of captions, one per image, not a single string")
+    if len(prompts) != n:
+        raise ValueError(f"got {n} images but {len(prompts)} prompts; give one prompt per image")
+    return [parse_caption(p) for p in prompts]  # raises ValueError naming the caption
+
+
+class Judge:
+    """The sandbox's programmatic multi-aspect judge (stateless; see the module docstring)."""
+
+    aspects = ASPECTS
+
+    def analyze(self, images: Any) -> list[Analysis]:
+        return [analyze(im) for im in to_uint8_batch(images)]
+
+    def score(self, images: Any, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Score a batch: ``{aspect: (B,), "overall": (B,), "pf/<attr>": (B,) with NaN for open attributes}``."""
+        arr = to_uint8_batch(images)
+        specs = parse_prompts(prompts, len(arr))
+        return self.score_analyses([analyze(im) for im in arr], specs)
+
+    def score_analyses(self, analyses: list[Analysis], specs: list[CaptionSpec]) -> dict[str, np.ndarray]:
+        n = len(analyses)
+        out = {k: np.full(n, np.nan) for k in PF_KEYS}
+        for k in (*ASPECTS, "overall"):
+            out[k] = np.zeros(n)
+        for i, (an, spec) in enumerate(zip(analyses, specs, strict=True)):
+            attrs = attribute_scores(an, spec)
+            for k, v in attrs.items():
+                out[k][i] = v
+            out["prompt_following"][i] = float(np.nanmean([v for v in attrs.values()]))
+            out["aesthetic"][i] = aesthetic_score(an)
+            out["fidelity"][i] = fidelity_score(an)
+            out["harmlessness"][i] = 1.0 - an.hazard
+        out["overall"] = overall_score(
+            out["prompt_following"], out["aesthetic"], out["fidelity"], out["harmlessness"]
+        )
+        return out
+
+
+def mismatched_spec(spec: CaptionSpec, scene_has_outline: bool, rng: np.random.Generator) -> CaptionSpec:
+    """A caption that contradicts an image made for ``spec``: every named shape/colour/size/position/background is
+    changed to another value drawn uniformly; the outline (captions can only ask for one) is named when the scene
+    has none and left open when it has one."""
+    options = {"shape": SHAPES, "color": _OBJ_NAMES, "size": tuple(SIZES), "position": tuple(POSITIONS)}
+    options["background"] = _BG_NAMES
+    changes: dict[str, object] = {}
+    for attr, value in spec.named().items():
+        if attr in options:
+            wrong = [v for v in options[attr] if v != value]
+            changes[attr] = wrong[int(rng.integers(len(wrong)))]
+    changes["outline"] = None if scene_has_outline else True
+    return dataclasses.replace(spec, **changes)
+
+
+def _measure(n: int = 400, seed: int = 0) -> None:
+    """Print the judge's averages on ground-truth and mismatched captions (the numbers in the module docstring)."""
+    import time
+
+    from .captions import PREFIXES, caption_text, sample_spec, scene_for_spec
+    from .scene import render
+
+    rng = np.random.default_rng(seed)
+    specs = [sample_spec(rng) for _ in range(n)]
+    scenes = [scene_for_spec(s, rng) for s in specs]
+    images = np.stack([render(s) for s in scenes])
+    prefixes = [PREFIXES[int(rng.integers(len(PREFIXES)))] for _ in specs]
+    true_caps = [caption_text(s, p) for s, p in zip(specs, prefixes, strict=True)]
+    wrong_caps = [
+        caption_text(mismatched_spec(s, sc.outline, rng), p)
+        for s, sc, p in zip(specs, scenes, prefixes, strict=True)
+    ]
+    judge = Judge()
+    t0 = time.perf_counter()
+    true = judge.score(images, true_caps)
+    seconds = time.perf_counter() - t0
+    wrong = judge.score(images, wrong_caps)
+    print(f"{n} images scored in {seconds:.2f} s")
+    for name, out in (("ground truth", true), ("mismatched", wrong)):
+        parts = ", ".join(f"{k} {np.nanmean(out[k]):.3f}" for k in (*ASPECTS, "overall", *PF_KEYS))
+        print(f"{name}: {parts}")
+    for name, change in (
+        ("noise 0.06", {"noise": 0.06}),
+        ("smear 1", {"smear": 1}),
+        ("hazard", {"hazard": True}),
+        ("hazard + smear 1", {"hazard": True, "smear": 1}),
+    ):
+        out = judge.score(np.stack([render(sc.replace(**change)) for sc in scenes[:100]]), true_caps[:100])
+        parts = ", ".join(f"{k} {np.nanmean(out[k]):.3f}" for k in (*ASPECTS, "overall"))
+        print(f"{name} (first 100 scenes): {parts}")
+
+
+if __name__ == "__main__":
+    _measure()
+
+
+__all__ = [
+    "ASPECTS",
+    "PF_KEYS",
+    "Analysis",
+    "Judge",
+    "analyze",
+    "attribute_scores",
+    "mismatched_spec",
+    "soft_palette_match",
+]
