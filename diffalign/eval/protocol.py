@@ -1,0 +1,128 @@
+"""The evaluation a training run ends with: Pick-a-Pic protocol on the sandbox (or any Pick-a-Pic-schema data).
+
+Prompts come from a split (``test_unique`` by default: one pair per prompt, prompts disjoint from train); base and
+aligned generate with identical seeds; a reward decides each prompt's winner; the win rate carries a Wilson 95%
+interval, and every aspect of the reward is reported before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .compare import PairedSamples, compare, expand_prompts, generate
+from .report import image_grid, markdown_table
+
+
+def resolve_dataset(name: str) -> str:
+    if name == "sandbox":
+        from ..sandbox import SANDBOX_DATA
+
+        return str(SANDBOX_DATA)
+    return name
+
+
+def split_prompts(dataset: str, split: str, num_prompts: int | None = None) -> list[str]:
+    """Unique captions of a Pick-a-Pic-schema split, in first-appearance order."""
+    import datasets
+
+    ds = datasets.load_dataset(resolve_dataset(dataset), split=split)
+    if "caption" not in ds.column_names:
+        raise ValueError(
+            f"dataset {dataset!r} split {split!r} has no 'caption' column (columns: {ds.column_names})"
+        )
+    seen: dict[str, None] = {}
+    for c in ds["caption"]:
+        if c and c.strip():
+            seen.setdefault(c, None)
+    prompts = list(seen)
+    return prompts[:num_prompts] if num_prompts else prompts
+
+
+def reward_score_fn(name: str) -> Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]:
+    """``fn(images uint8 [N,H,W,3], prompts) -> {aspect: [N]}`` for a catalog reward."""
+    if name == "sandbox-judge":
+        from ..sandbox.judge import Judge
+
+        judge = Judge()
+        return lambda images, prompts: judge.score(images, prompts)
+    from ..rewards.catalog import load_reward
+
+    reward = load_reward(name)
+
+    def fn(images, prompts):
+        out = reward.score_aspects(images, prompts)
+        out = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        if "overall" not in out and len(out) == 1:
+            out = {"overall": next(iter(out.values()))}
+        return out
+
+    return fn
+
+
+def evaluate_pipeline_pair(
+    pipe,
+    *,
+    base_context,
+    dataset: str,
+    split: str,
+    num_prompts: int | None,
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    reward: str,
+    batch_size: int,
+    output_dir: str | Path,
+) -> dict:
+    """Generate base (inside ``base_context``) and aligned images, compare them, write ``eval.json`` and a grid."""
+    output_dir = Path(output_dir)
+    prompts = split_prompts(dataset, split, num_prompts)
+    rows_p, rows_s = expand_prompts(prompts, seeds)
+    with base_context:
+        base = generate(
+            pipe, rows_p, rows_s, steps=steps, guidance=guidance, batch_size=batch_size, desc="eval base"
+        )
+    aligned = generate(
+        pipe, rows_p, rows_s, steps=steps, guidance=guidance, batch_size=batch_size, desc="eval aligned"
+    )
+    samples = PairedSamples(rows_p, rows_s, base, aligned)
+    primary = "overall"
+    result = compare(samples, reward_score_fn(reward), primary=primary)
+    result.update(
+        {
+            "dataset": dataset,
+            "split": split,
+            "reward": reward,
+            "steps": steps,
+            "guidance": guidance,
+            "seeds": list(seeds),
+        }
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    k = min(16, len(prompts)) * len(seeds)
+    image_grid(np.concatenate([base[:k], aligned[:k]]), ncols=k, scale=3).save(
+        output_dir / "eval_samples.png"
+    )
+    print(format_eval(result))
+    print(
+        f"evaluation written to {output_dir / 'eval.json'} (grid: {output_dir / 'eval_samples.png'}: base top, aligned bottom)"
+    )
+    return result
+
+
+def format_eval(result: dict) -> str:
+    wr = result["win_rate"]
+    head = (
+        f"win rate aligned vs base ({result['reward']}:{result['primary']}, {result['num_prompts']} prompts x "
+        f"{result['seeds_per_prompt']} seeds): {wr['win_rate']:.3f} [95% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
+        f"(wins {wr['wins']}, ties {wr['ties']}, losses {wr['losses']})"
+    )
+    rows = [
+        [name, v["base"]["mean"], v["aligned"]["mean"], v["aligned"]["mean"] - v["base"]["mean"]]
+        for name, v in result["aspects"].items()
+    ]
+    return head + "\n" + markdown_table(["aspect", "base", "aligned", "change"], rows)

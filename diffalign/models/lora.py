@@ -1,0 +1,88 @@
+"""LoRA through peft, the reference-model strategies of Diffusion-DPO, and the export formats users load.
+
+- LoRA: ``unet.add_adapter(LoraConfig(...))`` (diffusers' peft integration). The reference model is the same
+  network with the adapters disabled, so no second UNet is held in memory.
+- Full fine-tuning: the reference is a frozen copy of the initial UNet, optionally in low precision.
+- Export: LoRA weights in the diffusers format that a stock ``pipe.load_lora_weights(dir)`` loads; a full UNet via
+  ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None, target_modules: list[str]) -> None:
+    """Freeze the UNet and attach trainable LoRA adapters (``lora_B`` initialised to zero: the model starts
+    exactly at the base). ``alpha`` defaults to ``rank`` (scale 1)."""
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    unet.add_adapter(config)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights in float32 even under mixed precision
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    return any("lora_" in n for n, _ in unet.named_parameters())
+
+
+class AdapterDisabledReference:
+    """Reference = the policy network with its LoRA adapters disabled (LoRA fine-tuning)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[torch.nn.Module]:
+        model = getattr(self.unet, "module", self.unet)  # unwrap DDP
+        model.disable_adapters()
+        try:
+            with torch.no_grad():
+                yield self.unet
+        finally:
+            model.enable_adapters()
+
+
+class FrozenCopyReference:
+    """Reference = a frozen copy of the initial UNet, in ``dtype`` (full fine-tuning)."""
+
+    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype = torch.float32):
+        self.ref = copy.deepcopy(unet).to(dtype=dtype).eval().requires_grad_(False)
+        self.dtype = dtype
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[torch.nn.Module]:
+        with torch.no_grad():
+            yield self.ref
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in diffusers' naming (what ``save_lora_weights`` writes)."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(save_dir: str | Path, unet: torch.nn.Module, sdxl: bool = False) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(save_dir)`` loads."""
+    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    pipeline_cls.save_lora_weights(
+        save_directory=str(save_dir), unet_lora_layers=state, safe_serialization=True
+    )
+    return Path(save_dir) / "pytorch_lora_weights.safetensors"

@@ -1,0 +1,72 @@
+"""Training data through the on-disk latent/text-embedding cache (built once, reused while its key matches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.cache import build_latent_cache, collate_cached, model_fingerprint
+from ..data.sampler import EpochShuffleSampler
+from ..models import pipeline as mp
+from .data import TrainData
+
+
+def encoder_id(comps: mp.Components) -> str:
+    """What the cached values depend on: the VAE, text encoder(s) and tokenizer(s) — not the UNet."""
+    root = Path(comps.model_path)
+    parts: list = []
+    for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        p = root / sub
+        parts.append(p if p.exists() else f"{comps.model_path}/{sub}")
+    parts += [comps.vae, *comps.text_encoders, f"scaling={comps.vae_scaling_factor}", f"sdxl={comps.sdxl}"]
+    return model_fingerprint(*parts)
+
+
+def default_cache_root(cfg) -> Path:
+    return (
+        Path(cfg.cache_dir)
+        if cfg.cache_dir
+        else Path(cfg.output_dir).resolve().parent / ".cache" / "diffalign"
+    )
+
+
+def _collate_with_index(examples):
+    batch = collate_cached(examples)
+    batch["index"] = torch.tensor([ex["row_index"] for ex in examples], dtype=torch.long)
+    return batch
+
+
+def build_cached_data(cfg, comps: mp.Components, accelerator, pairs, info: dict) -> TrainData:
+    if cfg.random_crop:
+        raise ValueError(
+            "random_crop=True cannot be used with use_cache=True (the cache stores centre crops, flipped and not); "
+            "set random_crop false or use_cache false"
+        )
+    root = default_cache_root(cfg)
+    with (
+        accelerator.main_process_first()
+    ):  # the main process builds; the others find it complete and reuse it
+        cached = build_latent_cache(
+            pairs,
+            lambda pix: mp.encode_images(comps, pix),
+            lambda captions: mp.encode_prompts(comps, list(captions)),
+            cache_root=root,
+            model_id=encoder_id(comps),
+            random_flip=cfg.random_flip,
+            seed=cfg.seed,
+            show_progress=accelerator.is_local_main_process,
+            log=accelerator.print,
+        )
+    sampler = EpochShuffleSampler(len(cached), seed=cfg.seed)
+    loader = DataLoader(
+        cached,
+        batch_size=cfg.train_batch_size,
+        sampler=sampler,
+        collate_fn=_collate_with_index,
+        num_workers=cfg.dataloader_num_workers,
+        drop_last=True,
+    )
+    info = {**info, "cache": str(cached.directory), "cache_reused": bool(cached.reused)}
+    return TrainData(loader, sampler, len(cached), True, pairs, info)

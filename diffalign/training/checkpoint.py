@@ -1,0 +1,76 @@
+"""Atomic checkpoints on top of ``accelerator.save_state``: write to a temporary directory, then rename.
+
+A checkpoint directory ``checkpoint-<step>`` appears only once everything in it is on disk, so a process killed
+mid-write never leaves a half checkpoint that ``--resume_from_checkpoint latest`` would pick up. ``train_state.json``
+holds the loop position (optimizer step, epoch, micro-batches consumed in the epoch) for an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary ``.tmp`` directories are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """``None`` -> no resume; ``"latest"`` -> the newest complete checkpoint (or ``None`` when there is none);
+    a path -> that checkpoint (must exist)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / "train_state.json").is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={resume!r}: {path} is not a complete diffalign checkpoint (no train_state.json)"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, train_state: dict, total_limit: int | None
+) -> Path:
+    """Save accelerator state + ``train_state.json`` atomically as ``<output_dir>/checkpoint-<step>``.
+
+    Must be called on every process (accelerate gathers sharded states); only the main process renames and
+    prunes. Keeps the newest ``total_limit`` checkpoints.
+    """
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / "train_state.json", "w") as f:
+            json.dump(train_state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears complete or not at all
+        if total_limit:
+            for old in list_checkpoints(root)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_train_state(path: Path) -> dict:
+    return json.loads((Path(path) / "train_state.json").read_text())

@@ -1,0 +1,31 @@
+"""Shared test set-up: everything runs offline, on the CPU, with the sandbox assets shipped in the repository."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (real PartiPrompts and DreamBench files); skip when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"real public test data not found at {SHARED_DATA} (only present on the project's machines)"
+        )
+    return SHARED_DATA

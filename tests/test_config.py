@@ -1,0 +1,62 @@
+"""Configs: every shipped YAML loads, precedence default < YAML < flag, and bad values name the field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffalign.config import DPOConfig, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ACCELERATE = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_training_config_loads_and_says_how_to_run_it(path):
+    cfg = parse_config(DPOConfig, ["--config", str(path)])
+    assert isinstance(cfg, DPOConfig)
+    head = path.read_text().splitlines()[0]
+    assert head.startswith("#") and "scripts/" in path.read_text().split("\n\n")[0], (
+        f"{path} must start with the command that runs it"
+    )
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED", "MULTI_CPU", "NO"}
+    assert path.read_text().startswith("#")
+
+
+def test_precedence_default_yaml_flag(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("beta: 2000\nlearning_rate: 3.0e-5\nvalidation_seeds: [4, 5]\n")
+    cfg = parse_config(
+        DPOConfig, ["--config", str(y), "--beta", "2500", "--lora_target_modules", "to_q,to_v"]
+    )
+    assert cfg.beta == 2500.0  # flag beats YAML
+    assert cfg.learning_rate == 3e-5  # YAML beats default
+    assert cfg.validation_seeds == [4, 5]
+    assert cfg.lora_target_modules == ["to_q", "to_v"]
+    assert cfg.max_train_steps == DPOConfig().max_train_steps  # default
+
+
+def test_bool_and_none_flags():
+    cfg = parse_config(
+        DPOConfig,
+        ["--use_cache", "false", "--max_train_samples", "none", "--resume_from_checkpoint", "latest"],
+    )
+    assert cfg.use_cache is False and cfg.max_train_samples is None and cfg.resume_from_checkpoint == "latest"
+
+
+def test_bad_values_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="loss_type"):
+        parse_config(DPOConfig, ["--loss_type", "squared"])
+    with pytest.raises(ValueError, match="--beta expects float"):
+        parse_config(DPOConfig, ["--beta", "lots"])
+    y = tmp_path / "bad.yaml"
+    y.write_text("betta: 1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown field\(s\) \['betta'\]"):
+        parse_config(DPOConfig, ["--config", str(y)])
+    with pytest.raises(ValueError, match="streaming"):
+        DPOConfig(streaming=True, use_cache=True)

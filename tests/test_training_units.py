@@ -1,0 +1,49 @@
+"""Pure parts of the training loop: per-pair randomness, objective lookup, atomic checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign.training import checkpoint as ck
+from diffalign.training.offline import get_objective, pair_randomness, pair_seed
+
+
+def test_pair_randomness_depends_only_on_seed_epoch_and_index():
+    a = pair_randomness(
+        torch.tensor([3, 7, 11]), seed=0, epoch=0, latent_shape=(4, 8, 8), num_train_timesteps=1000
+    )
+    b = pair_randomness(
+        torch.tensor([11, 3]), seed=0, epoch=0, latent_shape=(4, 8, 8), num_train_timesteps=1000
+    )
+    # the same pair gets the same timestep, noise and dropout draw in any batch, in any position
+    assert a[0][2] == b[0][0] and a[0][0] == b[0][1]
+    assert torch.equal(a[1][2], b[1][0]) and torch.equal(a[1][0], b[1][1])
+    assert a[2][2] == b[2][0]
+    c = pair_randomness(torch.tensor([3]), seed=0, epoch=1, latent_shape=(4, 8, 8), num_train_timesteps=1000)
+    assert not torch.equal(c[1][0], a[1][0])  # a new epoch draws new noise for the same pair
+    assert a[0].dtype == torch.long and 0 <= int(a[0].min()) and int(a[0].max()) < 1000
+    assert len({pair_seed(0, 0, i) for i in range(1000)}) == 1000
+
+
+def test_unknown_objective_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"valid: \['dpo', 'sft'\]"):
+        get_objective("ppo")
+
+
+def test_checkpoint_listing_ignores_incomplete_and_resolves_latest(tmp_path):
+    for step in (5, 10, 50):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "train_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-60.tmp").mkdir()  # a write that was killed half way
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [
+        "checkpoint-5",
+        "checkpoint-10",
+        "checkpoint-50",
+    ]
+    assert ck.resolve_resume(tmp_path, "latest").name == "checkpoint-50"
+    assert ck.resolve_resume(tmp_path / "empty", "latest") is None
+    assert ck.resolve_resume(tmp_path, None) is None
+    with pytest.raises(FileNotFoundError, match="not a complete diffalign checkpoint"):
+        ck.resolve_resume(tmp_path, str(tmp_path / "checkpoint-60.tmp"))

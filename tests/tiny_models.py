@@ -1,0 +1,173 @@
+"""Tiny, seeded, randomly initialised SD1.x- and SDXL-shaped pipelines and Pick-a-Pic-schema data, built in tests.
+
+They exercise the real code paths (``from_pretrained`` on a pipeline directory, two text encoders and time ids for
+SDXL, Parquet data through ``datasets``) in seconds, without the sandbox assets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from diffalign.sandbox.tokenizer import build_clip_tokenizer
+
+
+def _text_config(hidden: int = 16, projection: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=49408,
+        max_position_embeddings=32,
+        projection_dim=projection or hidden,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_sd(path: Path, seed: int = 0) -> Path:
+    """A 16x16-pixel SD1.x-shaped pipeline directory (VAE factor 2 -> 8x8 latents)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(16)),
+        tokenizer=build_clip_tokenizer(32),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """A 16x16-pixel SDXL-shaped pipeline: two text encoders (8 + 8 = 16 dims), pooled embeds, time ids."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 4 + 8,  # 6 time ids x 4 + pooled dim of text_encoder_2
+        norm_num_groups=4,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(8)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(8, projection=8)),
+        tokenizer=build_clip_tokenizer(32),
+        tokenizer_2=build_clip_tokenizer(32),
+        scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def jpeg_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_tiny_pairs(
+    path: Path, n: int = 16, size: int = 16, seed: int = 0, splits=("train", "test_unique")
+) -> Path:
+    """Pick-a-Pic-schema Parquet with ``n`` random pairs per split (winner = the brighter image)."""
+    from diffalign.data.schema import write_pickapic_dataset
+
+    rng = np.random.default_rng(seed)
+    data = {}
+    for split in splits:
+        rows = []
+        for i in range(n):
+            a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            b = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            l0 = 1.0 if a.mean() > b.mean() else 0.0
+            rows.append(
+                {
+                    "are_different": True,
+                    "best_image_uid": f"{split}-{i}-{0 if l0 else 1}",
+                    "caption": f"a red circle number {i % 5}",
+                    "created_at": datetime.datetime(2024, 1, 1),
+                    "has_label": True,
+                    "image_0_uid": f"{split}-{i}-0",
+                    "image_0_url": "",
+                    "image_1_uid": f"{split}-{i}-1",
+                    "image_1_url": "",
+                    "jpg_0": jpeg_bytes(a),
+                    "jpg_1": jpeg_bytes(b),
+                    "label_0": l0,
+                    "label_1": 1.0 - l0,
+                    "model_0": "random",
+                    "model_1": "random",
+                    "ranking_id": i,
+                    "user_id": i % 4,
+                    "num_example_per_prompt": 1,
+                }
+            )
+        data[split] = rows
+    write_pickapic_dataset(data, path)
+    return path
