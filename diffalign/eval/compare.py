@@ -45,7 +45,6 @@ def generate(
     if len(prompts) != len(seeds):
         raise ValueError(f"prompts ({len(prompts)}) and seeds ({len(seeds)}) must have the same length")
     out = []
-    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         p = list(prompts[i : i + batch_size])
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
