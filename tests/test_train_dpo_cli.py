@@ -85,8 +85,9 @@ def test_lora_run_writes_everything_and_exports_a_stock_loadable_lora(tiny, tmp_
 def test_sdxl_shaped_pipeline_trains_and_exports(tiny, tmp_path):
     out = tmp_path / "xl"
     proc = _run(
-        _args(tiny["sdxl"], tiny["data"], out, "--max_train_steps", "2", "--checkpointing_steps", "0")
-    )
+        _args(tiny["sdxl"], tiny["data"], out, "--max_train_steps", "2", "--checkpointing_steps", "0",
+              "--gradient_checkpointing", "true", "--optimizer", "adafactor")
+    )  # fmt: skip
     assert "(SDXL, epsilon)" in proc.stdout
     from diffusers import StableDiffusionXLPipeline
 
@@ -165,3 +166,20 @@ def test_cached_latents_train_like_on_the_fly_encoding_and_are_reused(tiny, tmp_
     fly, c1, c2 = _losses(tmp_path / "fly"), _losses(tmp_path / "c1"), _losses(tmp_path / "c2")
     assert c1 == c2
     assert max(abs(a - b) for a, b in zip(fly, c1)) < 1e-2, (fly, c1)
+
+
+def test_bf16_mixed_precision_lora(tiny, tmp_path):
+    out = tmp_path / "bf16"
+    env = {
+        **ENV,
+        "ACCELERATE_MIXED_PRECISION": "bf16",
+    }  # what `accelerate launch --mixed_precision bf16` sets
+    args = _args(tiny["sd"], tiny["data"], out, "--max_train_steps", "2", "--checkpointing_steps", "0")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision  bf16" in proc.stdout
+    state = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in state.values())  # adapters train and export in float32
+    assert all(x == x for x in _losses(out))  # no NaN

@@ -47,3 +47,22 @@ def test_checkpoint_listing_ignores_incomplete_and_resolves_latest(tmp_path):
     assert ck.resolve_resume(tmp_path, None) is None
     with pytest.raises(FileNotFoundError, match="not a complete diffalign checkpoint"):
         ck.resolve_resume(tmp_path, str(tmp_path / "checkpoint-60.tmp"))
+
+
+def test_optimizer_choices():
+    import importlib.util
+
+    from diffalign.config import DPOConfig
+    from diffalign.training.offline import build_optimizer
+
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    for name in ("adamw", "adafactor"):
+        opt = build_optimizer(DPOConfig(optimizer=name), [p], lr=0.1)
+        p.grad = torch.ones_like(p)
+        before = p.detach().clone()
+        opt.step()
+        assert (p.detach() < before).all(), name  # a positive gradient lowers the weights
+        assert opt.param_groups[0]["lr"] == 0.1
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match=r"diffalign\[bnb\]"):
+            build_optimizer(DPOConfig(optimizer="adamw8bit"), [p], lr=0.1)
