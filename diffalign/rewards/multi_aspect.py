@@ -20,10 +20,17 @@ Checkpoint directory (``save``/``load``)::
     config.json         {"format": "diffalign-multi-aspect", "aspects": [...], "head_hidden": H, ...}
     heads.safetensors   head_<aspect>.<param> tensors
     backbone/           CLIPModel.save_pretrained + processor.save_pretrained
+
+or, for heads trained on a *frozen* backbone that already lives in a directory (``save(..., backbone_ref=dir)``),
+no ``backbone/`` copy: ``config.json`` gains ``"backbone": {"path": <dir, relative to the checkpoint when
+possible>, "sha256": <SHA-256 of dir/model.safetensors>}``, ``save`` checks that the model's backbone tensors equal
+that file's, and ``load`` checks the hash (a rebuilt backbone no longer matches its heads). Checkpoints without the
+key load as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -47,6 +54,7 @@ from diffalign.rewards.hf_clip import (
 
 VISIONPREFER_ASPECTS = ("prompt_following", "aesthetic", "fidelity", "harmlessness")
 CHECKPOINT_FORMAT = "diffalign-multi-aspect"
+BACKBONE_WEIGHTS = "model.safetensors"  # the weight file a referenced backbone directory must hold
 
 
 def bt_loss(score_w: Tensor, score_l: Tensor) -> Tensor:
@@ -135,20 +143,56 @@ class MultiAspectRewardModel(nn.Module):
         return out
 
     # -- checkpoint directory ----------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``heads.safetensors`` and ``backbone/`` under ``directory``; returns it."""
+    def save(self, directory: str | os.PathLike, backbone_ref: str | os.PathLike | None = None) -> Path:
+        """Write ``config.json``, ``heads.safetensors`` and ``backbone/`` under ``directory``; returns it.
+
+        With ``backbone_ref`` (a ``CLIPModel`` directory holding ``model.safetensors``), ``backbone/`` is not
+        written: the checkpoint records that directory (relative to ``directory`` when both are on one drive) and
+        the SHA-256 of its weights. Raises ``ValueError`` when the model's backbone differs from those weights
+        (e.g. it was fine-tuned): such a backbone must be saved as a copy."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
         cfg["aspects"] = list(self.config.aspects)
+        if backbone_ref is not None:
+            cfg["backbone"] = self._backbone_reference(Path(backbone_ref), directory)
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         state = {f"head_{k}": v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
         save_file(state, str(directory / "heads.safetensors"))
-        self.backbone.save_pretrained(directory / "backbone")
-        self.processor.save_pretrained(directory / "backbone")
+        if backbone_ref is None:
+            self.backbone.save_pretrained(directory / "backbone")
+            self.processor.save_pretrained(directory / "backbone")
         return directory
+
+    def _backbone_reference(self, ref: Path, directory: Path) -> dict[str, str]:
+        """``{"path", "sha256"}`` of a backbone directory after checking the model's backbone equals it."""
+        from safetensors.torch import load_file
+
+        weights = ref / BACKBONE_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"backbone_ref {ref} has no {BACKBONE_WEIGHTS}; reference a directory written by "
+                "CLIPModel.save_pretrained (safetensors), or save without backbone_ref to copy the backbone"
+            )
+        own = self.backbone.state_dict()
+        for key, tensor in load_file(str(weights)).items():
+            mine = own.get(key)
+            if (
+                mine is None
+                or mine.shape != tensor.shape
+                or not torch.equal(mine.detach().cpu().to(tensor.dtype), tensor)
+            ):
+                raise ValueError(
+                    f"the model's backbone differs from {weights} (tensor {key!r}); only an unchanged (frozen) "
+                    "backbone can be saved by reference: save without backbone_ref to write a copy"
+                )
+        try:
+            path = os.path.relpath(ref.resolve(), directory.resolve())
+        except ValueError:  # different drives (Windows): keep the absolute path
+            path = str(ref.resolve())
+        return {"path": Path(path).as_posix(), "sha256": _sha256_file(weights)}
 
     @classmethod
     def load(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MultiAspectRewardModel:
@@ -167,12 +211,47 @@ class MultiAspectRewardModel(nn.Module):
         raw = json.loads(cfg_path.read_text())
         if raw.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{cfg_path}: format is {raw.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        backbone_dir = directory / "backbone"
+        ref = raw.pop("backbone", None)
+        if ref is not None:
+            backbone_dir = _check_backbone_reference(ref, directory, cfg_path)
         config = MultiAspectConfig(**raw)
-        backbone, processor = load_clip_dir(directory / "backbone", dtype=dtype)
+        backbone, processor = load_clip_dir(backbone_dir, dtype=dtype)
         model = cls(backbone, processor, config)
         state = load_file(str(directory / "heads.safetensors"))
         model.heads.load_state_dict({k.removeprefix("head_"): v for k, v in state.items()})
         return model.to(dtype)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_backbone_reference(ref: dict, directory: Path, cfg_path: Path) -> Path:
+    """The directory a checkpoint's ``"backbone"`` entry points to, after checking its weights' SHA-256."""
+    if not isinstance(ref, dict) or "path" not in ref or "sha256" not in ref:
+        raise ValueError(f'{cfg_path}: \'backbone\' must be {{"path": ..., "sha256": ...}}, got {ref!r}')
+    path = Path(ref["path"])
+    path = path if path.is_absolute() else directory / path
+    weights = path / BACKBONE_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{cfg_path}: the heads were trained on the backbone {path} (resolved from {ref['path']!r}), which has "
+            f"no {BACKBONE_WEIGHTS}. Put that CLIP directory there (checkpoint and backbone keep their relative "
+            "places), or retrain the heads (scripts/train_reward_model.py)"
+        )
+    digest = _sha256_file(weights)
+    if digest != ref["sha256"]:
+        raise ValueError(
+            f"{cfg_path}: the backbone {weights} has SHA-256 {digest[:12]}..., but the heads were trained on one "
+            f"with {ref['sha256'][:12]}... (was the backbone rebuilt?). Retrain the heads with "
+            "scripts/train_reward_model.py, or restore the original backbone"
+        )
+    return path
 
 
 class MultiAspectReward(ModelReward):
