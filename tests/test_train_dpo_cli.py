@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build_tiny_sd, build_tiny_sdxl, write_tiny_pairs
+from tiny_models import assert_lora_fully_loaded, build_tiny_sd, build_tiny_sdxl, write_tiny_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_diffusion_dpo.py"
@@ -78,8 +78,34 @@ def test_lora_run_writes_everything_and_exports_a_stock_loadable_lora(tiny, tmp_
     kw = dict(num_inference_steps=3, guidance_scale=3.0, output_type="np", height=16, width=16)
     base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     pipe.load_lora_weights(str(out / "lora"))  # a stock diffusers call
+    assert assert_lora_fully_loaded(pipe, out / "lora") == len(state)
     aligned = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(base - aligned).max() > 1e-3, "the LoRA should change the samples"
+
+
+def test_lora_on_attention_feedforward_and_convs_loads_completely(tiny, tmp_path):
+    out = tmp_path / "wide"
+    targets = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2"
+    _run(
+        _args(
+            tiny["sd"],
+            tiny["data"],
+            out,
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "0",
+            "--lora_target_modules",
+            targets,
+        )
+    )
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd"], safety_checker=None)
+    pipe.load_lora_weights(str(out / "lora"))
+    keys = load_file(out / "lora" / "pytorch_lora_weights.safetensors").keys()
+    assert any(".conv1." in k for k in keys) and any(".attn1.to_q." in k for k in keys)
+    assert assert_lora_fully_loaded(pipe, out / "lora") == len(keys)
 
 
 def test_sdxl_shaped_pipeline_trains_and_exports(tiny, tmp_path):
@@ -93,6 +119,7 @@ def test_sdxl_shaped_pipeline_trains_and_exports(tiny, tmp_path):
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"])
     pipe.load_lora_weights(str(out / "lora"))
+    assert assert_lora_fully_loaded(pipe, out / "lora") > 0
     assert all(torch.isfinite(torch.tensor(x)) for x in _losses(out))
 
 

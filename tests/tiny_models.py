@@ -171,3 +171,19 @@ def write_tiny_pairs(
         data[split] = rows
     write_pickapic_dataset(data, path)
     return path
+
+
+def assert_lora_fully_loaded(pipe, lora_dir) -> int:
+    """Every tensor of an exported LoRA file must be present, with the same values, in ``pipe.unet`` after
+    ``pipe.load_lora_weights(lora_dir)`` (diffusers drops mismatched keys with only a warning). Returns the count."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
+    loaded = pipe.unet.state_dict()
+    adapter = next(iter(pipe.unet.peft_config))
+    for key, value in saved.items():
+        name = key.removeprefix("unet.").replace(".lora_A.weight", f".lora_A.{adapter}.weight")
+        name = name.replace(".lora_B.weight", f".lora_B.{adapter}.weight")
+        assert name in loaded, f"{key} was not loaded into the pipeline"
+        assert torch.equal(loaded[name].float(), value.float()), f"{key} was loaded with other values"
+    return len(saved)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -74,15 +73,28 @@ class FrozenCopyReference:
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in diffusers' naming (what ``save_lora_weights`` writes)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The UNet's LoRA weights in PEFT naming (``<module>.lora_A.weight`` / ``lora_B``), which diffusers'
+    ``load_lora_weights`` reads natively for every layer type.
+
+    Not ``convert_state_dict_to_diffusers``: it renames only attention projections to the old ``lora.down/up``
+    style and leaves conv/feed-forward keys as ``lora_A/B``; with such a mix the stock loader silently drops the
+    attention adapters (tested: every exported tensor must arrive in the loaded pipeline)."""
+    return get_peft_model_state_dict(unet)
 
 
 def save_lora(save_dir: str | Path, unet: torch.nn.Module, sdxl: bool = False) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(save_dir)`` loads."""
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(save_dir)`` loads; the adapter's
+    ``LoraConfig`` (rank, alpha, targets) travels as metadata so a non-default alpha is restored too."""
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    model = getattr(unet, "module", unet)
+    metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
+    if metadata is not None:
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     pipeline_cls.save_lora_weights(
-        save_directory=str(save_dir), unet_lora_layers=state, safe_serialization=True
+        save_directory=str(save_dir),
+        unet_lora_layers=state,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata,
     )
     return Path(save_dir) / "pytorch_lora_weights.safetensors"
