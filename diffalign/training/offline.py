@@ -167,14 +167,17 @@ class OfflinePairsTrainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         self.weight_dtype = weight_dtype
         for m in comps.frozen_modules():
-            m.to(acc.device, dtype=weight_dtype)
+            m.to(acc.device)
+            if weight_dtype != torch.float32:
+                m.to(dtype=weight_dtype)
         unet = comps.unet
         self.attention = mp.set_attention_backend(unet.to(acc.device), cfg.attention)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
         if cfg.finetune == "lora":
-            unet.to(dtype=weight_dtype)
+            if weight_dtype != torch.float32:
+                unet.to(dtype=weight_dtype)
             lora_lib.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
             self.reference = lora_lib.AdapterDisabledReference(unet)
         else:
