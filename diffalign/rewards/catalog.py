@@ -205,6 +205,13 @@ def _build_sandbox_clip(weights, params, device, dtype):
     return sandbox_clip_reward(weights["model"], device=device, dtype=dtype, **params)
 
 
+def _build_image_features(weights, params, device, dtype):
+    """A feature backbone (DreamBench's DINO metric), not a reward: it embeds images and has no ``score``."""
+    from diffalign.eval.dreambench import ImageFeatureExtractor
+
+    return ImageFeatureExtractor.from_pretrained(weights["model"], device=device, dtype=dtype, **params)
+
+
 KINDS: dict[str, Callable[..., Reward]] = {
     "open_clip": _build_open_clip,
     "hps": _build_hps,
@@ -214,6 +221,7 @@ KINDS: dict[str, Callable[..., Reward]] = {
     "imagereward": _build_imagereward,
     "sandbox_judge": _build_sandbox_judge,
     "sandbox_clip": _build_sandbox_clip,
+    "image_features": _build_image_features,  # embeddings for DreamBench metrics (dino-vits16), no score
     "combined": None,  # built by CombinedReward.from_config (components are loaded recursively)
 }
 
