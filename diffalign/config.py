@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,10 +219,22 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
+def normalise_flags(argv: list[str]) -> list[str]:
+    """``--num-prompts 5`` / ``--num-prompts=5`` -> ``--num_prompts ...``: dashes and underscores both work."""
+    out = []
+    for a in argv:
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
 def parse_config(cls: type, argv: list[str] | None = None) -> Any:
-    """Defaults < ``--config`` YAML < command-line flags, validated by the dataclass' ``__post_init__``."""
+    """Defaults < ``--config`` YAML < command-line flags, validated by the dataclass' ``__post_init__``.
+    Flags may be spelled with dashes or underscores."""
     parser = build_parser(cls)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalise_flags(list(sys.argv[1:] if argv is None else argv)))
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     source = args.config or "config"
     hints = typing.get_type_hints(cls)

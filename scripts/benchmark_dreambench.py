@@ -21,19 +21,8 @@ from diffalign.config import parse_config  # noqa: E402
 from diffalign.eval.dreambench import DreamBenchConfig, run_dreambench  # noqa: E402
 
 
-def normalise_flags(argv: list[str]) -> list[str]:
-    """``--subject-models DIR`` / ``--subject-models=DIR`` → ``--subject_models ...``."""
-    out = []
-    for a in argv:
-        if a.startswith("--"):
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
-    argv = normalise_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(DreamBenchConfig, argv)
     return run_dreambench(cfg)
 

@@ -25,19 +25,8 @@ from diffalign.config import parse_config  # noqa: E402
 from diffalign.eval.benchmark_pickapic import PickapicBenchmarkConfig, run_pickapic_benchmark  # noqa: E402
 
 
-def normalise_flags(argv: list[str]) -> list[str]:
-    """``--num-prompts 5`` / ``--num-prompts=5`` → ``--num_prompts ...`` (the config parser's spelling)."""
-    out = []
-    for a in argv:
-        if a.startswith("--"):
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
-    argv = normalise_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(PickapicBenchmarkConfig, argv)
     return run_pickapic_benchmark(cfg)
 
