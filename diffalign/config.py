@@ -69,6 +69,11 @@ class DPOConfig:
     prompt_dropout: float = _help("probability of replacing a caption by '' (official code: 0.2)", 0.0)
     use_cache: bool = _help("precompute VAE latents and text embeddings once into on-disk shards", True)
     cache_dir: str | None = _help("where caches live (default: <output_dir>/../.cache/diffalign)", None)
+    cache_batch_size: int = _help(
+        "pairs per encoder call while building the cache (4 images each: winner, loser, both flipped); "
+        "lower it if the build runs out of memory",
+        16,
+    )
     dataloader_num_workers: int = _help("data-loading worker processes", 0)
 
     # ---- objective -------------------------------------------------------------------------------------------
@@ -144,6 +149,8 @@ class DPOConfig:
             raise ValueError("streaming=True cannot be combined with use_cache=True: set use_cache false")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.max_train_steps < 1:
             raise ValueError("train_batch_size, gradient_accumulation_steps and max_train_steps must be >= 1")
+        if self.cache_batch_size < 1:
+            raise ValueError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

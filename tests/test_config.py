@@ -60,3 +60,5 @@ def test_bad_values_name_the_field(tmp_path):
         parse_config(DPOConfig, ["--config", str(y)])
     with pytest.raises(ValueError, match="streaming"):
         DPOConfig(streaming=True, use_cache=True)
+    with pytest.raises(ValueError, match="cache_batch_size must be >= 1, got 0"):
+        parse_config(DPOConfig, ["--cache-batch-size", "0"])

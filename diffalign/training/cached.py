@@ -54,6 +54,8 @@ def build_cached_data(cfg, comps: mp.Components, accelerator, pairs, info: dict)
             lambda captions: mp.encode_prompts(comps, list(captions)),
             cache_root=root,
             model_id=encoder_id(comps),
+            batch_size=cfg.cache_batch_size,
+            num_workers=cfg.dataloader_num_workers,
             random_flip=cfg.random_flip,
             seed=cfg.seed,
             show_progress=accelerator.is_local_main_process,
