@@ -572,10 +572,3 @@ def test_sandbox_clip_loads_when_built():
     r = load_reward("sandbox-clip")
     s = r.score(imgs, prompts)
     assert s.shape == (4,) and torch.all(s.abs() <= 1.0 + 1e-5)
-
-
-def test_imagereward_is_explicitly_unsupported(tmp_path):
-    (tmp_path / "weights" / "imagereward").mkdir(parents=True)
-    (tmp_path / "weights" / "imagereward" / "ImageReward.pt").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="ImageReward is not supported"):
-        load_reward("imagereward", weights_dir=tmp_path)

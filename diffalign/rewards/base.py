@@ -194,6 +194,24 @@ def tensor_resize_longest_pad(x: Tensor, size: int, fill: float = 0.0) -> Tensor
     return F.pad(x, (left, right, top, bottom), value=fill)  # F.pad order: last dim first
 
 
+def pil_resize_shortest_center_crop(img: Image.Image, size: int, crop: int | None = None) -> Image.Image:
+    """CLIP's eval transform ``Resize(size, BICUBIC) → CenterCrop(crop)`` on a PIL image, as torchvision does it:
+
+    bicubic PIL resize to :func:`shortest_side_size` (skipped when the size already matches), then a crop whose
+    top-left corner is ``round((H − crop) / 2), round((W − crop) / 2)``. The tensor version is
+    :func:`tensor_resize_shortest_center_crop`.
+    """
+    crop = crop or size
+    if crop > size:
+        raise ValueError(f"crop {crop} is larger than the resized shorter side {size}")
+    w, h = img.size
+    nh, nw = shortest_side_size(h, w, size)
+    if (nh, nw) != (h, w):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return img.crop((left, top, left + crop, top + crop))
+
+
 def pil_resize_longest_pad(img: Image.Image, size: int, fill: int = 0) -> Image.Image:
     """HPSv2's ``ResizeMaxSize(size, fill=0)`` (the open_clip fork shipped with HPSv2, ``resize_longest_max=True``):
 
