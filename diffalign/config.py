@@ -103,6 +103,11 @@ class DPOConfig:
     adam_epsilon: float = _help("AdamW ε", 1e-8)
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
     seed: int = _help("seed for initialisation, data order, timesteps and noise", 0)
+    deterministic: bool = _help(
+        "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN without autotuning): bit-identical "
+        "reruns and resumes on CUDA, somewhat slower; CPU runs are deterministic either way",
+        False,
+    )
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     output_dir: str = _help("where checkpoints, logs, exports and eval.json go", "outputs/dpo-sandbox")

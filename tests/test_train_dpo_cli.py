@@ -41,7 +41,7 @@ def _args(model, data, out, *extra):
         "--train_batch_size", "4", "--max_train_steps", "6", "--checkpointing_steps", "3",
         "--checkpoints_total_limit", "none", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
         "--logging_steps", "1", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--use_cache", "false",
-        *extra,
+        "--deterministic", "true", *extra,
     ]  # fmt: skip
 
 

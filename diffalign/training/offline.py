@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -142,6 +143,14 @@ def build_optimizer(cfg: DPOConfig, params, lr: float):
     )
 
 
+def enable_deterministic() -> None:
+    """Deterministic kernels for bit-identical CUDA runs (cuBLAS needs its workspace fixed before its first use)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 class OfflinePairsTrainer:
     """``setup()`` -> ``train()`` -> ``export()`` -> ``evaluate()``. The script calls them in order."""
 
@@ -152,6 +161,8 @@ class OfflinePairsTrainer:
     # ---- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.deterministic:
+            enable_deterministic()
         self.accelerator = acc = Accelerator(
             # Without CUDA, say so: under a torchrun launch (several processes) accelerate then picks MULTI_CPU/gloo
             # instead of running each process as if it were alone.
