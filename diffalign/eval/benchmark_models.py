@@ -32,8 +32,24 @@ from pathlib import Path
 
 import torch
 
+from ..config import _help
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings shared by the benchmarks (their configs extend it; the flags have the same names)."""
+
+    steps: int = _help("sampling steps", 20)
+    guidance: float = _help("classifier-free guidance scale", 5.0)
+    negative_prompt: str | None = _help("negative prompt (for base and aligned alike)", None)
+    height: int | None = _help("image height in pixels (None: the pipeline's default)", None)
+    width: int | None = _help("image width in pixels (None: same as height)", None)
+    batch_size: int = _help("images per sampling batch", 32)
+    device: str = _help("'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...", "auto")
+    dtype: str = _help("pipeline precision: float32 | float16 | bfloat16", "float32")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import _help
-from .benchmark_models import apply_variant, load_base_pipeline, resolve_variant
+from .benchmark_models import SamplingConfig, apply_variant, load_base_pipeline, resolve_variant
 from .compare import expand_prompts, generate
 from .html import ImagePair, html_table, write_pairs_report
 from .plots import plot_category_win_rates, plot_win_rates
@@ -54,7 +54,7 @@ DEFAULT_ALIGNED = ("outputs/dpo-sandbox/lora", "demo/assets/sandbox-dpo-lora")
 
 
 @dataclass
-class PickapicBenchmarkConfig:
+class PickapicBenchmarkConfig(SamplingConfig):
     """Settings of :func:`run_pickapic_benchmark` (the script's flags have the same names)."""
 
     prompts: str = _help(
@@ -78,14 +78,6 @@ class PickapicBenchmarkConfig:
     )
     images_per_prompt: int = _help("images (seeds) per prompt, identical for base and aligned", 2)
     seed: int = _help("first seed: a prompt's rows use seed, seed + 1, ...", 0)
-    steps: int = _help("sampling steps", 20)
-    guidance: float = _help("classifier-free guidance scale", 5.0)
-    negative_prompt: str | None = _help("negative prompt for both models", None)
-    height: int | None = _help("image height in pixels (None: the pipeline's default)", None)
-    width: int | None = _help("image width in pixels (None: same as height)", None)
-    batch_size: int = _help("images per sampling batch", 32)
-    device: str = _help("'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...", "auto")
-    dtype: str = _help("pipeline precision: float32 | float16 | bfloat16", "float32")
     tie_tol: float = _help("|aligned - base| <= tie_tol counts as a tie", 1e-6)
     min_supported_share: float = _help(
         "skip a reward that can score less than this share of the prompts (the sandbox judge on non-sandbox "

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ..config import _help
 from ..rewards.combine import lambda_harmonic
-from .benchmark_models import apply_variant, load_base_pipeline, resolve_variant
+from .benchmark_models import SamplingConfig, apply_variant, load_base_pipeline, resolve_variant
 from .compare import expand_prompts, generate
 from .report import image_grid, markdown_table
 from .stats import mean_ci
@@ -468,7 +468,7 @@ class ClipEmbedder:
 
 
 @dataclass
-class DreamBenchConfig:
+class DreamBenchConfig(SamplingConfig):
     """Settings of :func:`run_dreambench` (the script's flags have the same names)."""
 
     data: str = _help("DreamBench directory (holding dataset/ or prompts_and_classes.txt itself)", "")
@@ -484,14 +484,6 @@ class DreamBenchConfig:
     unique_token: str = _help("the identifier token of the prompts ({0} in the templates)", "sks")
     images_per_prompt: int = _help("images per prompt (DreamBench: 4)", 4)
     seed: int = _help("first seed; every prompt uses seed .. seed + images_per_prompt - 1", 0)
-    steps: int = _help("sampling steps", 20)
-    guidance: float = _help("classifier-free guidance scale", 5.0)
-    negative_prompt: str | None = _help("negative prompt", None)
-    height: int | None = _help("image height (None: the pipeline's default)", None)
-    width: int | None = _help("image width (None: same as height)", None)
-    batch_size: int = _help("images per sampling batch", 32)
-    device: str = _help("'auto' (cuda when available), 'cpu', 'cuda', ...", "auto")
-    dtype: str = _help("pipeline precision: float32 | float16 | bfloat16", "float32")
     dino: str | None = _help(
         "DINO backbone: image_features manifest or vision model dir (default: dino-vits16; on the sandbox the "
         "stand-in sandbox-dino-standin)",
