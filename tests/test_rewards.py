@@ -547,7 +547,6 @@ def _sandbox_batch(n=4):
 
 
 def test_sandbox_judge_loads_and_scores():
-    pytest.importorskip("diffalign.sandbox.judge", reason="diffalign/sandbox/judge.py not written yet")
     from diffalign.sandbox.judge import Judge
 
     imgs, prompts = _sandbox_batch()
@@ -563,11 +562,10 @@ def test_sandbox_judge_loads_and_scores():
     )
 
 
-def test_sandbox_clip_loads_when_built():
+def test_shipped_sandbox_clip_loads_and_scores():
     from diffalign.sandbox import SANDBOX_CLIP
 
-    if not (SANDBOX_CLIP / "config.json").is_file():
-        pytest.skip(f"{SANDBOX_CLIP} not built yet (scripts/build_sandbox.py)")
+    assert (SANDBOX_CLIP / "config.json").is_file(), f"{SANDBOX_CLIP} (shipped) missing from the checkout"
     imgs, prompts = _sandbox_batch()
     r = load_reward("sandbox-clip")
     s = r.score(imgs, prompts)
