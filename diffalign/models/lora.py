@@ -72,21 +72,32 @@ class FrozenCopyReference:
             yield self.ref
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The UNet's LoRA weights in PEFT naming (``<module>.lora_A.weight`` / ``lora_B``), which diffusers'
     ``load_lora_weights`` reads natively for every layer type.
 
     Not ``convert_state_dict_to_diffusers``: it renames only attention projections to the old ``lora.down/up``
     style and leaves conv/feed-forward keys as ``lora_A/B``; with such a mix the stock loader silently drops the
-    attention adapters (tested: every exported tensor must arrive in the loaded pipeline)."""
-    return get_peft_model_state_dict(unet)
+    attention adapters (tested: every exported tensor must arrive in the loaded pipeline).
+
+    ``state_dict``: the UNet's full state dict when the module itself holds only a shard (FSDP, DeepSpeed ZeRO-3:
+    ``accelerator.get_state_dict(unet)``)."""
+    return get_peft_model_state_dict(unet, state_dict=state_dict)
 
 
-def save_lora(save_dir: str | Path, unet: torch.nn.Module, sdxl: bool = False) -> Path:
+def save_lora(
+    save_dir: str | Path,
+    unet: torch.nn.Module,
+    sdxl: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(save_dir)`` loads; the adapter's
-    ``LoraConfig`` (rank, alpha, targets) travels as metadata so a non-default alpha is restored too."""
+    ``LoraConfig`` (rank, alpha, targets) travels as metadata so a non-default alpha is restored too.
+    ``state_dict``: see :func:`lora_state_dict`."""
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet, state_dict).items()}
     model = getattr(unet, "module", unet)
     metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
     if metadata is not None:

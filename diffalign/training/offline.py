@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -187,7 +187,9 @@ class OfflinePairsTrainer:
             unet.enable_gradient_checkpointing()
 
         if cfg.finetune == "lora":
-            if weight_dtype != torch.float32:
+            # Frozen base weights in the compute dtype (the adapters stay float32), except under FSDP: it flattens
+            # each wrapped block into one tensor, which needs one dtype, and casts to bf16/fp16 itself.
+            if weight_dtype != torch.float32 and acc.distributed_type != DistributedType.FSDP:
                 unet.to(dtype=weight_dtype)
             lora_lib.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
             self.reference = lora_lib.AdapterDisabledReference(unet)
@@ -545,14 +547,17 @@ class OfflinePairsTrainer:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         unet = _unwrap(acc, self.unet)
+        # Collective under FSDP / ZeRO-3 (every process takes part; the main process gets the full weights);
+        # the module's own state_dict would hold only this process's shard there.
+        state = acc.get_state_dict(self.unet)
         if cfg.finetune == "lora":
             target = self.output_dir / "lora"
             if acc.is_main_process:
-                lora_lib.save_lora(target, unet, sdxl=self.comps.sdxl)
+                lora_lib.save_lora(target, unet, sdxl=self.comps.sdxl, state_dict=state)
         else:
             target = self.output_dir / "unet"
             if acc.is_main_process:
-                unet.save_pretrained(target, safe_serialization=True)
+                unet.save_pretrained(target, safe_serialization=True, state_dict=state)
         if acc.is_main_process:
             from .model_card import write_model_card
 
