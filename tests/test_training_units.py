@@ -66,3 +66,42 @@ def test_optimizer_choices():
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ImportError, match=r"diffalign\[bnb\]"):
             build_optimizer(DPOConfig(optimizer="adamw8bit"), [p], lr=0.1)
+
+
+class _FakeUNet:
+    """Just what set_attention_backend touches: a device and diffusers' xformers switch."""
+
+    def __init__(self, device: str, fail: Exception | None = None):
+        self.device = torch.device(device)
+        self.fail = fail
+        self.xformers_on = False
+
+    def enable_xformers_memory_efficient_attention(self):
+        if self.fail is not None:
+            raise self.fail
+        self.xformers_on = True
+
+
+def test_attention_backend_choice(monkeypatch):
+    import sys
+    import types
+
+    from diffalign.models.pipeline import set_attention_backend
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # as if not installed: `import xformers` raises
+    assert set_attention_backend(_FakeUNet("cpu"), "auto") == "sdpa"
+    assert set_attention_backend(_FakeUNet("cuda"), "auto") == "sdpa"  # CUDA without xformers: PyTorch SDPA
+    with pytest.raises(RuntimeError, match="attention='xformers' was asked for but cannot be used"):
+        set_attention_backend(_FakeUNet("cuda"), "xformers")
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # installed
+    unet = _FakeUNet("cuda")
+    assert set_attention_backend(unet, "auto") == "xformers" and unet.xformers_on
+    cpu = _FakeUNet("cpu")
+    assert set_attention_backend(cpu, "auto") == "sdpa" and not cpu.xformers_on  # auto uses xformers on CUDA only
+    forced = _FakeUNet("cuda")
+    assert set_attention_backend(forced, "sdpa") == "sdpa" and not forced.xformers_on
+    broken = _FakeUNet("cuda", fail=ValueError("no kernels for this GPU"))
+    assert set_attention_backend(broken, "auto") == "sdpa"  # auto falls back
+    with pytest.raises(RuntimeError, match="no kernels for this GPU"):
+        set_attention_backend(broken, "xformers")
