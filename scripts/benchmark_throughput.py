@@ -163,8 +163,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per setting (the first is warm-up)")
     p.add_argument("--pairs", type=int, default=32, help="pairs in the synthetic dataset")
-    p.add_argument("--cache_batch", type=int, default=4, help="pairs per encoder call while building the cache")
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate precision")
+    p.add_argument(
+        "--cache_batch", type=int, default=4, help="pairs per encoder call while building the cache"
+    )
+    p.add_argument(
+        "--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate precision"
+    )
     p.add_argument("--out", default="outputs/benchmark_throughput.json", help="JSON results file")
     p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -198,7 +202,9 @@ def main() -> None:
     from diffalign.eval.report import markdown_table
 
     def label(r: dict) -> str:
-        return "off" if not r["use_cache"] else ("on (reused)" if r["cache_reused"] else "on (built this run)")
+        return (
+            "off" if not r["use_cache"] else ("on (reused)" if r["cache_reused"] else "on (built this run)")
+        )
 
     print(
         markdown_table(

@@ -60,7 +60,9 @@ def main() -> None:
     canvas = Image.new("RGB", (label_w + cell * (args.seeds + 1), 18 + len(CAPTIONS) * (cell + 14)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((label_w, 2), "truth", fill="black")
-    draw.text((label_w + cell, 2), f"samples (seeds 0-{args.seeds - 1}); judge prompt-following below", fill="black")
+    draw.text(
+        (label_w + cell, 2), f"samples (seeds 0-{args.seeds - 1}); judge prompt-following below", fill="black"
+    )
     rng = np.random.default_rng(0)
     for r, caption in enumerate(CAPTIONS):
         y = 18 + r * (cell + 14)
@@ -71,7 +73,11 @@ def main() -> None:
             big = Image.fromarray(tile).resize((32 * scale, 32 * scale), Image.NEAREST)
             canvas.paste(big, (label_w + c * cell, y))
             if c:
-                draw.text((label_w + c * cell + 40, y + 32 * scale + 1), f"{pf[r * args.seeds + c - 1]:.2f}", fill="black")
+                draw.text(
+                    (label_w + c * cell + 40, y + 32 * scale + 1),
+                    f"{pf[r * args.seeds + c - 1]:.2f}",
+                    fill="black",
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(args.out)
     print(f"mean judge prompt-following of these samples: {float(np.mean(pf)):.3f}")

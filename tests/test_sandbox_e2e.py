@@ -30,7 +30,14 @@ def _shipped_assets():
 
 
 def _run(args: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"STDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
     return proc
 
@@ -48,7 +55,12 @@ def test_short_sandbox_training_and_evaluation(tmp_path):
     assert wr["n"] == 12 and 0.0 <= wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"] <= 1.0
     for aspect in ("overall", "prompt_following", "harmlessness", "aesthetic", "fidelity"):
         assert aspect in result["aspects"], aspect
-    for name in ("lora/pytorch_lora_weights.safetensors", "README.md", "eval_samples.png", "validation/step-000010.png"):
+    for name in (
+        "lora/pytorch_lora_weights.safetensors",
+        "README.md",
+        "eval_samples.png",
+        "validation/step-000010.png",
+    ):
         assert (out / name).is_file(), name
 
     # The exported LoRA loads into a stock pipeline and changes its samples.

@@ -447,7 +447,9 @@ def test_shipped_sandbox_vp_score_manifest():
     assert m["kind"] == "multi_aspect" and m["weights"]["checkpoint"]["path"] == "sandbox-vp-score"
     ckpt = REPO / "reward_models" / "sandbox-vp-score"
     assert (ckpt / "config.json").is_file(), f"{ckpt} (shipped) missing from the checkout"
-    assert (REPO / "reward_models" / "sandbox-clip").is_dir(), "reward_models/sandbox-clip missing from the checkout"
+    assert (REPO / "reward_models" / "sandbox-clip").is_dir(), (
+        "reward_models/sandbox-clip missing from the checkout"
+    )
     from diffalign.rewards import load_reward
 
     reward = load_reward("sandbox-vp-score")

@@ -98,7 +98,9 @@ def test_attention_backend_choice(monkeypatch):
     unet = _FakeUNet("cuda")
     assert set_attention_backend(unet, "auto") == "xformers" and unet.xformers_on
     cpu = _FakeUNet("cpu")
-    assert set_attention_backend(cpu, "auto") == "sdpa" and not cpu.xformers_on  # auto uses xformers on CUDA only
+    assert (
+        set_attention_backend(cpu, "auto") == "sdpa" and not cpu.xformers_on
+    )  # auto uses xformers on CUDA only
     forced = _FakeUNet("cuda")
     assert set_attention_backend(forced, "sdpa") == "sdpa" and not forced.xformers_on
     broken = _FakeUNet("cuda", fail=ValueError("no kernels for this GPU"))

@@ -97,7 +97,10 @@ def save_lora(
     ``LoraConfig`` (rank, alpha, targets) travels as metadata so a non-default alpha is restored too.
     ``state_dict``: see :func:`lora_state_dict`."""
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet, state_dict).items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in lora_state_dict(unet, state_dict).items()
+    }
     model = getattr(unet, "module", unet)
     metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
     if metadata is not None:

@@ -122,11 +122,17 @@ P_OUTLINE_UNNAMED = 0.15
 def sample_spec(rng: np.random.Generator) -> CaptionSpec:
     """A random caption spec, naming each optional attribute with the probability in :data:`P_NAMED`."""
     shape = SHAPES[rng.integers(len(SHAPES))]
-    color = OBJECT_COLORS_LIST[rng.integers(len(OBJECT_COLORS_LIST))] if rng.random() < P_NAMED["color"] else None
+    color = (
+        OBJECT_COLORS_LIST[rng.integers(len(OBJECT_COLORS_LIST))] if rng.random() < P_NAMED["color"] else None
+    )
     size = SIZES_LIST[rng.integers(len(SIZES_LIST))] if rng.random() < P_NAMED["size"] else None
-    position = POSITIONS_LIST[rng.integers(len(POSITIONS_LIST))] if rng.random() < P_NAMED["position"] else None
+    position = (
+        POSITIONS_LIST[rng.integers(len(POSITIONS_LIST))] if rng.random() < P_NAMED["position"] else None
+    )
     background = (
-        BACKGROUNDS_LIST[rng.integers(len(BACKGROUNDS_LIST))] if rng.random() < P_NAMED["background"] else None
+        BACKGROUNDS_LIST[rng.integers(len(BACKGROUNDS_LIST))]
+        if rng.random() < P_NAMED["background"]
+        else None
     )
     outline = True if rng.random() < P_NAMED["outline"] else None
     return CaptionSpec(shape, color, size, position, background, outline)
