@@ -1,6 +1,6 @@
 """Build the sandbox's tiny models (tokenizer, tiny CLIP, VAE, UNet, early UNet) and the StableDiffusionPipeline.
 
-The full build (about 25 minutes on 2 CPU cores) writes the shipped assets::
+The full build (16.7 min measured on 2 idle CPU cores; longer under load) writes the shipped assets::
 
     python scripts/build_sandbox.py
 
