@@ -277,38 +277,9 @@ def test_aesthetic_head_layout_and_score(tiny_open_clip_files, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_hf_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from tiny_models import build_tiny_hf_clip
 
-    from diffalign.sandbox.tokenizer import build_clip_tokenizer
-
-    d = tmp_path_factory.mktemp("hfclip")
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-        projection_dim=8,
-        logit_scale_init_value=math.log(100.0),
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer())
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
-    return d
+    return build_tiny_hf_clip(tmp_path_factory.mktemp("hfclip"), logit_scale=100.0)
 
 
 def test_pickscore_formula_in_float64(tiny_hf_clip_dir):

@@ -46,36 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A tiny random transformers CLIPModel (32x32 images, projection 32) + processor with the real tokenizer."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from tiny_models import build_tiny_hf_clip
 
-    from diffalign.sandbox.tokenizer import build_clip_tokenizer
-
-    d = tmp_path_factory.mktemp("tinyclip")
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(d)
-    model.save_pretrained(d)
-    return d
+    return build_tiny_hf_clip(tmp_path_factory.mktemp("tinyclip"), vision_hidden=32, projection_dim=32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -187,3 +187,26 @@ def assert_lora_fully_loaded(pipe, lora_dir) -> int:
         assert name in loaded, f"{key} was not loaded into the pipeline"
         assert torch.equal(loaded[name].float(), value.float()), f"{key} was loaded with other values"
     return len(saved)
+
+
+def build_tiny_hf_clip(
+    path: Path, *, vision_hidden: int = 16, projection_dim: int = 8, logit_scale: float | None = None
+) -> Path:
+    """A tiny random transformers ``CLIPModel`` (32x32 images, text width 16) + ``CLIPProcessor`` with the real
+    CLIP tokenizer, saved to ``path`` (a stand-in for PickScore / CLIP ViT-L checkpoints)."""
+    import math
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32)  # fmt: skip
+    vision = dict(image_size=32, patch_size=8, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
+    extra = {} if logit_scale is None else {"logit_scale_init_value": math.log(logit_scale)}
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim, **extra)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(path)
+    model.save_pretrained(path)
+    return path
