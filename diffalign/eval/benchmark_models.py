@@ -51,6 +51,17 @@ class SamplingConfig:
     device: str = _help("'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...", "auto")
     dtype: str = _help("pipeline precision: float32 | float16 | bfloat16", "float32")
 
+    def generate_kwargs(self) -> dict:
+        """The keyword arguments of :func:`diffalign.eval.compare.generate` these settings give."""
+        return dict(
+            steps=self.steps,
+            guidance=self.guidance,
+            batch_size=self.batch_size,
+            negative_prompt=self.negative_prompt,
+            height=self.height,
+            width=self.width or self.height,
+        )
+
 
 @dataclass(frozen=True)
 class Variant:

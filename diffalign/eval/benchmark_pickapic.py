@@ -416,14 +416,7 @@ def run_pickapic_benchmark(cfg: PickapicBenchmarkConfig, prompt_set: PromptSet |
     aligned_spec = cfg.aligned if cfg.aligned is not None else default_aligned()
     variant = resolve_variant(aligned_spec)
     pipe = load_base_pipeline(cfg.base, device, DTYPES[cfg.dtype])
-    gen_kw = dict(
-        steps=cfg.steps,
-        guidance=cfg.guidance,
-        batch_size=cfg.batch_size,
-        negative_prompt=cfg.negative_prompt,
-        height=cfg.height,
-        width=cfg.width or cfg.height,
-    )
+    gen_kw = cfg.generate_kwargs()
     print(f"sampling {len(rows_p)} images per side ({len(ps)} prompts x {S} seeds) on {device}")
     base_images = generate(pipe, rows_p, rows_s, desc="base", **gen_kw)
     with apply_variant(pipe, variant) as aligned_pipe:

@@ -642,14 +642,7 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
     print(f"backbones: DINO {dino!r}; CLIP {clip.name}")
 
     pipe = load_base_pipeline(cfg.base, device, DTYPES[cfg.dtype])
-    gen_kw = dict(
-        steps=cfg.steps,
-        guidance=cfg.guidance,
-        batch_size=cfg.batch_size,
-        negative_prompt=cfg.negative_prompt,
-        height=cfg.height,
-        width=cfg.width or cfg.height,
-    )
+    gen_kw = cfg.generate_kwargs()
     seeds = cfg.seeds
     subjects: dict[str, dict] = {}
     grids: dict[str, Path] = {}

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..data.cache import build_latent_cache, collate_cached, model_fingerprint
-from ..data.sampler import EpochShuffleSampler
 from ..models import pipeline as mp
-from .data import TrainData
+from .data import TrainData, epoch_loader
 
 
 def encoder_id(comps: mp.Components) -> str:
@@ -61,14 +59,6 @@ def build_cached_data(cfg, comps: mp.Components, accelerator, pairs, info: dict)
             show_progress=accelerator.is_local_main_process,
             log=accelerator.print,
         )
-    sampler = EpochShuffleSampler(len(cached), seed=cfg.seed)
-    loader = DataLoader(
-        cached,
-        batch_size=cfg.train_batch_size,
-        sampler=sampler,
-        collate_fn=_collate_with_index,
-        num_workers=cfg.dataloader_num_workers,
-        drop_last=True,
-    )
+    loader, sampler = epoch_loader(cached, cfg, _collate_with_index)
     info = {**info, "cache": str(cached.directory), "cache_reused": bool(cached.reused)}
     return TrainData(loader, sampler, len(cached), True, pairs, info)

@@ -98,16 +98,22 @@ def build_train_data(cfg, comps: mp.Components, accelerator) -> TrainData:
         from .cached import build_cached_data
 
         return build_cached_data(cfg, comps, accelerator, pairs, info)
-    sampler = EpochShuffleSampler(len(pairs), seed=cfg.seed)
+    loader, sampler = epoch_loader(pairs, cfg, _collate_with_index)
+    return TrainData(loader, sampler, len(pairs), False, pairs, info)
+
+
+def epoch_loader(dataset, cfg, collate_fn) -> tuple[DataLoader, EpochShuffleSampler]:
+    """The training DataLoader over ``dataset``: a reshuffle per epoch keyed by ``cfg.seed``, full batches only."""
+    sampler = EpochShuffleSampler(len(dataset), seed=cfg.seed)
     loader = DataLoader(
-        pairs,
+        dataset,
         batch_size=cfg.train_batch_size,
         sampler=sampler,
-        collate_fn=_collate_with_index,
+        collate_fn=collate_fn,
         num_workers=cfg.dataloader_num_workers,
         drop_last=True,
     )
-    return TrainData(loader, sampler, len(pairs), False, pairs, info)
+    return loader, sampler
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
