@@ -3,6 +3,7 @@
     python demo/app.py                                  # sandbox base vs demo/assets/sandbox-dpo-lora
     python demo/app.py --base /models/sd15 --aligned outputs/dpo-sd15 --allow-root /models
     python demo/app.py --host 0.0.0.0 --port 7860       # listen on every interface (trusted networks only)
+    GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 python demo/app.py   # the same, as Spaces / Docker set it
 
 The page: prompt, negative prompt, seed, steps, guidance; base and aligned images from the same seed with their
 scores under a catalog reward; a gallery of several seeds with per-seed win/loss and the tally; the model fields
@@ -16,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry (and no network here anyway)
@@ -191,12 +193,35 @@ def build_app(engine: DemoEngine, concurrency: int = 1) -> gr.Blocks:
     return app
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# Gradio's own convention for where to listen; Hugging Face Spaces and Docker images set these.
+HOST_ENV, PORT_ENV = "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"
+
+
+def _env_port(environ: Mapping[str, str]) -> int:
+    """``$GRADIO_SERVER_PORT`` as a port number (7860 when unset); a bad value names the variable."""
+    value = environ.get(PORT_ENV, "").strip()
+    if not value:
+        return 7860
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise SystemExit(f"${PORT_ENV}={value!r} is not a port number (1-65535); unset it or pass --port")
+    return port
+
+
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The command line; ``--host``/``--port`` default to ``$GRADIO_SERVER_NAME``/``$GRADIO_SERVER_PORT`` when set
+    (``environ``: the environment to read them from, ``os.environ`` by default)."""
+    environ = os.environ if environ is None else environ
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)"
+        "--host",
+        default=environ.get(HOST_ENV, "").strip() or "127.0.0.1",
+        help=f"interface to listen on (default ${HOST_ENV}, else 127.0.0.1: this machine only)",
     )
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=_env_port(environ), help=f"default ${PORT_ENV}, else 7860")
     p.add_argument(
         "--base", default="sandbox", help="base pipeline: 'sandbox' or a diffusers pipeline directory"
     )

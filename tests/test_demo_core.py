@@ -419,3 +419,28 @@ def test_app_turns_errors_into_messages():
     assert isinstance(err, gr.Error) and err.message == "steps must be between 1 and 100, got 0"
     err = _fail(OSError("disk on fire"))
     assert isinstance(err, gr.Error) and err.message == "OSError: disk on fire"
+
+
+def test_app_listens_where_gradio_env_vars_say_unless_flags_override():
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from demo.app import parse_args
+
+    args = parse_args([], environ={})
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}  # what Spaces / Docker images set
+    args = parse_args([], environ=env)
+    assert (args.host, args.port) == ("0.0.0.0", 7861)
+    args = parse_args(["--host", "127.0.0.1", "--port", "9000"], environ=env)
+    assert (args.host, args.port) == ("127.0.0.1", 9000)
+    with pytest.raises(SystemExit, match="GRADIO_SERVER_PORT"):
+        parse_args([], environ={"GRADIO_SERVER_PORT": "http"})
+
+
+def test_app_reads_the_process_environment_by_default(monkeypatch):
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from demo.app import parse_args
+
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7862")
+    args = parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7862)
