@@ -1,4 +1,9 @@
-"""A model card next to the exported weights: how to load it, how it was trained, on what, and what it scored."""
+"""A model card next to the exported weights: how to load it, how it was trained, on what, and what it scored.
+
+The card's Python snippet runs as written, in any working directory: the weights are named by absolute path, a local
+base pipeline too, and the sandbox base through ``diffalign.sandbox.SANDBOX_PIPELINE`` (the pipeline shipped inside
+the installed package) rather than the name ``"sandbox"``, which only diffalign resolves.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,51 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dict, weights_dir: Path) -> Path:
-    lora = cfg.finetune == "lora"
-    load = (
-        f'pipe = DiffusionPipeline.from_pretrained("{cfg.pretrained_model}")\npipe.load_lora_weights("{weights_dir}")'
-        if lora
-        else f'unet = UNet2DConditionModel.from_pretrained("{weights_dir}")\n'
-        f'pipe = DiffusionPipeline.from_pretrained("{cfg.pretrained_model}", unet=unet)'
+def _base_pipeline(model: str) -> tuple[list[str], str]:
+    """Import lines and the Python expression that locate the base pipeline in the snippet."""
+    if model == "sandbox":
+        return (
+            ["from diffalign.sandbox import SANDBOX_PIPELINE  # the sandbox pipeline shipped with diffalign"],
+            "SANDBOX_PIPELINE",
+        )
+    local = Path(model).expanduser()
+    return [], repr(str(local.resolve()) if local.exists() else model)  # a local directory, or a hub id
+
+
+def load_snippet(cfg, weights_dir: Path) -> str:
+    """Python that loads the base pipeline with the exported weights and draws one image (runs as written).
+
+    LoRA: ``pipe.load_lora_weights(<weights_dir>)``; full fine-tuning: the exported UNet
+    (``UNet2DConditionModel.from_pretrained(<weights_dir>)``) passed to the pipeline in place of the base one.
+    """
+    imports, base = _base_pipeline(cfg.pretrained_model)
+    weights = repr(str(Path(weights_dir).resolve()))
+    hub_kw = "".join(
+        f", {k}={v!r}" for k, v in (("revision", cfg.revision), ("variant", cfg.variant)) if v is not None
     )
+    if cfg.finetune == "lora":
+        classes = "DiffusionPipeline"
+        load = [
+            f"pipe = DiffusionPipeline.from_pretrained({base}{hub_kw})",
+            f"pipe.load_lora_weights({weights})",
+        ]
+    else:
+        classes = "DiffusionPipeline, UNet2DConditionModel"
+        load = [
+            f"unet = UNet2DConditionModel.from_pretrained({weights})",
+            f"pipe = DiffusionPipeline.from_pretrained({base}{hub_kw}, unet=unet)",
+        ]
+    prompt = cfg.validation_prompts[0] if cfg.validation_prompts else "a photo of a cat"
+    sample = (
+        f"image = pipe({prompt!r}, num_inference_steps={cfg.eval_steps}, "
+        f"guidance_scale={cfg.eval_guidance}).images[0]"
+    )
+    return "\n".join([f"from diffusers import {classes}", *imports, "", *load, sample])
+
+
+def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dict, weights_dir: Path) -> Path:
+    """``<output_dir>/README.md``: front matter, the load snippet, the data, the metrics and the full config."""
+    lora = cfg.finetune == "lora"
     lines = [
         "---",
         "library_name: diffusers",
@@ -27,8 +69,7 @@ def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dic
         "",
         "## Load",
         "```python",
-        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
-        load,
+        load_snippet(cfg, weights_dir),
         "```",
         "",
         "## Data",
