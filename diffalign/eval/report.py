@@ -7,6 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from ..utils.markdown import markdown_table  # re-exported: reports import it from here
+
+__all__ = ["image_grid", "markdown_table"]
+
 
 def image_grid(
     images: np.ndarray | Sequence[np.ndarray], ncols: int, scale: int = 1, pad: int = 1
@@ -27,12 +31,3 @@ def image_grid(
             pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W
         ] = big
     return Image.fromarray(canvas)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def fmt(x: object) -> str:
-        return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)

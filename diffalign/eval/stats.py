@@ -12,12 +12,8 @@ For per-prompt scores ``a_i`` (aligned) and ``b_i`` (base), ``i = 1..n``::
     win_rate = (wins + ties / 2) / n
 
 The confidence interval is the **Wilson score interval** (Wilson, 1927) on the proportion ``p = win_rate`` with the
-(possibly fractional) count ``wins + ties / 2`` out of ``n``::
-
-    z      = Φ⁻¹(1 − (1 − confidence) / 2)
-    centre = (p + z² / (2n)) / (1 + z² / n)
-    half   = z / (1 + z² / n) · sqrt(p (1 − p) / n + z² / (4 n²))
-    CI     = [centre − half, centre + half]
+(possibly fractional) count ``wins + ties / 2`` out of ``n`` (formula: :mod:`diffalign.utils.stats`, where
+:func:`wilson_interval` lives so that ``rewards/`` can use it without importing ``eval/``).
 
 Counting a tie as half a win keeps ``win_rate`` symmetric (``win_rate(a, b) = 1 − win_rate(b, a)``); treating the
 fractional count as binomial is an approximation that is slightly conservative when ties are frequent (a tie has
@@ -39,10 +35,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+
+from ..utils.stats import check_confidence, wilson_interval  # re-exported: this module's public API
 
 __all__ = ["paired_win_rate", "mean_ci", "wilson_interval", "student_t_quantile", "sign_test_p_value"]
 
@@ -65,29 +62,6 @@ def _as_float_array(values: Any, name: str) -> np.ndarray:
             "remove or re-score those prompts before computing statistics"
         )
     return arr
-
-
-def _check_confidence(confidence: float) -> None:
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-
-
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``successes / n`` (``successes`` may be fractional).
-
-    See the module docstring for the formula. Returns ``(low, high)``, clipped to [0, 1] against rounding.
-    """
-    _check_confidence(confidence)
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if not 0.0 <= successes <= n:
-        raise ValueError(f"successes must be in [0, n={n}], got {successes}")
-    z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2.0 * n)) / denom
-    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def sign_test_p_value(wins: int, losses: int) -> float:
@@ -181,7 +155,7 @@ def paired_win_rate(
         "mean_diff", "method": "wilson"}``; ``p_value`` is the exact two-sided sign test (ties dropped) and
         ``mean_diff`` the mean of ``a − b``. Formulas in the module docstring.
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     if tie_tol < 0:
         raise ValueError(f"tie_tol must be >= 0, got {tie_tol}")
     a = _as_float_array(scores_a, "scores_a")
@@ -225,7 +199,7 @@ def mean_ci(values: Sequence[float] | np.ndarray | Any, confidence: float = 0.95
         ``{"mean", "ci_low", "ci_high", "std", "n"}`` with ``std`` the sample standard deviation (ddof = 1). With a
         single value the spread is unknown: ``std``, ``ci_low`` and ``ci_high`` are NaN (not a zero-width interval).
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     x = _as_float_array(values, "values")
     n = int(x.size)
     if n == 0:

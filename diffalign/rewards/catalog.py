@@ -207,7 +207,7 @@ def _build_sandbox_clip(weights, params, device, dtype):
 
 def _build_image_features(weights, params, device, dtype):
     """A feature backbone (DreamBench's DINO metric), not a reward: it embeds images and has no ``score``."""
-    from diffalign.eval.dreambench import ImageFeatureExtractor
+    from diffalign.rewards.features import ImageFeatureExtractor
 
     return ImageFeatureExtractor.from_pretrained(weights["model"], device=device, dtype=dtype, **params)
 

@@ -526,7 +526,7 @@ def pair_accuracy(
 
     Returns ``accuracy`` (None when n = 0), ``n``, ``correct`` (the fractional count), ``predictor_ties``,
     ``label_ties`` and the Wilson 95% interval ``ci_low``/``ci_high``."""
-    from diffalign.eval.stats import wilson_interval
+    from diffalign.utils.stats import wilson_interval
 
     conv = lambda x: x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, float)  # noqa: E731
     s0, s1, p = conv(score_0), conv(score_1), np.asarray(label_0, dtype=np.float64)
@@ -822,7 +822,7 @@ def _fmt_acc(r: Mapping[str, Any]) -> str:
 
 def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     """The held-out accuracy table: rows = aspects, overall, pooled; columns = model, baselines, chance."""
-    from diffalign.eval.report import markdown_table
+    from diffalign.utils.markdown import markdown_table
 
     ev = metrics["held_out"]
     rows = []
