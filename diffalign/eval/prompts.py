@@ -183,14 +183,9 @@ def read_pickapic_prompts(dataset: str, split: str) -> PromptSet:
     """Unique captions of a Pick-a-Pic-schema split (``"sandbox"`` = the shipped sandbox data)."""
     import datasets
 
-    from .protocol import resolve_dataset
+    from ..data.sources import resolve_built_dataset
 
-    path = resolve_dataset(dataset)
-    if dataset == "sandbox" and not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"the sandbox preference data is missing at {path}; build it with "
-            "`python scripts/build_preference_data.py`"
-        )
+    path = resolve_built_dataset(dataset)
     ds = datasets.load_dataset(path, split=split)
     if "caption" not in ds.column_names:
         raise ValueError(

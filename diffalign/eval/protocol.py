@@ -13,16 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.sources import resolve_dataset  # also importable from here, as before
 from .compare import PairedSamples, compare, expand_prompts, generate
 from .report import image_grid, markdown_table
-
-
-def resolve_dataset(name: str) -> str:
-    if name == "sandbox":
-        from ..sandbox import SANDBOX_DATA
-
-        return str(SANDBOX_DATA)
-    return name
 
 
 def split_prompts(dataset: str, split: str, num_prompts: int | None = None) -> list[str]:

@@ -182,17 +182,11 @@ class RewardTrainConfig:
 
 
 def resolve_source(source: str) -> str:
-    """``"sandbox"`` → the shipped sandbox data directory (``SANDBOX_DATA``); anything else unchanged."""
-    if source == "sandbox":
-        from diffalign.sandbox import SANDBOX_DATA
+    """``"sandbox"`` → the shipped sandbox data directory (``SANDBOX_DATA``), which must be built; anything else
+    unchanged."""
+    from diffalign.data.sources import resolve_built_dataset
 
-        if not SANDBOX_DATA.is_dir():
-            raise FileNotFoundError(
-                f"the sandbox preference data {SANDBOX_DATA} is not built yet: run "
-                "`python scripts/build_preference_data.py`, or train on rendered pairs with --source rendered"
-            )
-        return str(SANDBOX_DATA)
-    return source
+    return resolve_built_dataset(source, instead="train on rendered pairs with --source rendered")
 
 
 def resolve_backbone(backbone: str) -> Path:

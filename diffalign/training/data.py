@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..data.pickapic import PickAPicPairs, collate_pairs
 from ..data.sampler import EpochShuffleSampler
-from ..eval.protocol import resolve_dataset
+from ..data.sources import resolve_dataset
 from ..models import pipeline as mp
 
 
