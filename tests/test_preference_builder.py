@@ -25,6 +25,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from diffalign.data import build_plan  # noqa: E402
 from diffalign.data import builder as B  # noqa: E402
 from diffalign.data.schema import PICKAPIC_COLUMNS, PICKAPIC_SCHEMA, PICKAPIC_SPLITS, split_path  # noqa: E402
 from diffalign.sandbox import SANDBOX_PIPELINE, SANDBOX_UNET_EARLY  # noqa: E402
@@ -173,8 +174,8 @@ def test_train_captions_repeat_only_when_the_world_runs_out(monkeypatch):
     assert repeats == 0 and len({c for _, c in prompts}) == 200
     # a world with a single caption: every prompt after the first is a counted repeat
     spec = parse_caption("a red circle")
-    monkeypatch.setattr(B, "sample_spec", lambda rng: spec)
-    monkeypatch.setattr(B, "PREFIXES", ("",))
+    monkeypatch.setattr(build_plan, "sample_spec", lambda rng: spec)  # the plan draws captions
+    monkeypatch.setattr(build_plan, "PREFIXES", ("",))
     prompts, repeats = B.draw_train_prompts(np.random.default_rng(0), 5, held_out=set(), max_redraws=3)
     assert repeats == 4 and {c for _, c in prompts} == {"a red circle"}
     with pytest.raises(ValueError, match="distinct caption specs"):
