@@ -33,8 +33,9 @@ import torch
 import yaml
 
 from diffalign.rewards.base import Reward
+from diffalign.sandbox import REWARD_MODELS_DIR
 
-CATALOG_DIR = Path(__file__).resolve().parents[2] / "reward_models"
+CATALOG_DIR = REWARD_MODELS_DIR  # reward_models/ of the checkout, or its copy inside an installed wheel
 WEIGHTS_ENV = "DIFFALIGN_REWARD_WEIGHTS"
 REQUIRED_FIELDS = (
     "name",
