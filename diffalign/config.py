@@ -3,14 +3,21 @@
 Every field carries a one-line help text (``field(metadata={"help": ...})``) which becomes its ``--flag`` help.
 Precedence: dataclass default < YAML file (``--config``) < command-line flag.
 
-    cfg = parse_config(DPOConfig, ["--config", "configs/sandbox_dpo.yaml", "--max_train_steps", "10"])
+    cfg = parse_config(TrainConfig, ["--config", "configs/sandbox_dpo.yaml", "--max_train_steps", "10"])
+
+The method's own hyperparameters (``beta`` for Diffusion-DPO, ...) live in the dataclass its objective declares
+(:mod:`diffalign.objectives.registry`); they are flat keys and flags like every other field, stored in
+``cfg.params`` and readable as ``cfg.beta``. Every mistake a config can hold is a :class:`~diffalign.errors.ConfigError`
+naming the field or file, raised here, before any model or data is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import os
 import sys
 import types
 import typing
@@ -19,6 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import ConfigError
+
+#: diffusers' learning-rate schedules (diffusers.optimization.SchedulerType; a test keeps this list in sync).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
@@ -29,8 +49,9 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
 
 
 @dataclass
-class DPOConfig:
-    """Diffusion-DPO (and SFT baseline) training on offline preference pairs."""
+class TrainConfig:
+    """Preference training of a text-to-image diffusion model (Diffusion-DPO, its SFT baseline, and every method
+    in the objective registry) on offline preference pairs."""
 
     # ---- model -----------------------------------------------------------------------------------------------
     pretrained_model: str = _help(
@@ -74,14 +95,18 @@ class DPOConfig:
         "lower it if the build runs out of memory",
         16,
     )
+    cache_dtype: str = _help(
+        "storage dtype of cached latents and text embeddings: float16 (half the disk, ~1e-3 relative error) or "
+        "float32 (exact)",
+        "float16",
+    )
     dataloader_num_workers: int = _help("data-loading worker processes", 0)
 
-    # ---- objective -------------------------------------------------------------------------------------------
-    objective: str = _help("'dpo' (Diffusion-DPO) or 'sft' (denoising loss on the winners only)", "dpo")
-    loss_type: str = _help("DPO loss variant: sigmoid, hinge or ipo", "sigmoid")
-    beta: float = _help("KL strength β in the official convention (paper: 2000-5000)", 5000.0)
-    beta_convention: str = _help("'official' (Wallace et al. code) or 'diffusers' (β' = β/2)", "official")
-    label_smoothing: float = _help("robust/conservative DPO label smoothing ε in [0, 0.5)", 0.0)
+    # ---- objective (its own hyperparameters come from its registry entry) -------------------------------------
+    objective: str = _help(
+        "the method, from the objective registry: 'dpo' (Diffusion-DPO) or 'sft' (denoising loss on winners)",
+        "dpo",
+    )
 
     # ---- optimisation ----------------------------------------------------------------------------------------
     train_batch_size: int = _help("pairs per device per micro-batch", 8)
@@ -103,6 +128,13 @@ class DPOConfig:
     adam_epsilon: float = _help("AdamW ε", 1e-8)
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
     seed: int = _help("seed for initialisation, data order, timesteps and noise", 0)
+    mixed_precision: str | None = _help(
+        "'no', 'fp16' or 'bf16'; default: what `accelerate launch` / its config says", None
+    )
+    nonfinite_loss: str = _help(
+        "a NaN/inf loss: 'error' stops the run naming the step; 'skip' drops that step's update (counted)",
+        "error",
+    )
     deterministic: bool = _help(
         "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN without autotuning): bit-identical "
         "reruns and resumes on CUDA, somewhat slower; CPU runs are deterministic either way",
@@ -137,30 +169,99 @@ class DPOConfig:
     eval_batch_size: int = _help("images generated per batch during evaluation", 64)
     skip_eval: bool = _help("do not run the final evaluation", False)
 
+    params: Any = field(
+        default=None,
+        metadata={"help": "the objective's hyperparameters (its registry dataclass)", "cli": False},
+    )
+
     def __post_init__(self) -> None:
+        from .objectives.registry import get_objective
+
+        spec = get_objective(self.objective)
+        if self.params is None:
+            self.params = spec.params()
+        elif not isinstance(self.params, spec.params):
+            raise ConfigError(
+                f"params must be a {spec.params.__name__} for objective {self.objective!r}, "
+                f"got {type(self.params).__name__}"
+            )
         _check_choice("finetune", self.finetune, ("lora", "full"))
-        _check_choice("objective", self.objective, ("dpo", "sft"))
-        _check_choice("loss_type", self.loss_type, ("sigmoid", "hinge", "ipo"))
-        _check_choice("beta_convention", self.beta_convention, ("official", "diffusers"))
         _check_choice("tie_policy", self.tie_policy, ("drop", "keep"))
+        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_choice("nonfinite_loss", self.nonfinite_loss, ("error", "skip"))
+        if self.mixed_precision is not None:
+            _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
         _check_choice("attention", self.attention, ("auto", "sdpa", "xformers"))
         _check_choice("reference_dtype", self.reference_dtype, ("float32", "float16", "bfloat16"))
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _check_choice("cache_dtype", self.cache_dtype, ("float16", "float32"))
         if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+            raise ConfigError(f"config field prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.streaming and self.use_cache:
-            raise ValueError("streaming=True cannot be combined with use_cache=True: set use_cache false")
-        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.max_train_steps < 1:
-            raise ValueError("train_batch_size, gradient_accumulation_steps and max_train_steps must be >= 1")
-        if self.cache_batch_size < 1:
-            raise ValueError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
+            raise ConfigError(
+                "config field streaming=true cannot be combined with use_cache=true: set use_cache false"
+            )
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "cache_batch_size",
+                     "logging_steps", "lora_rank", "resolution"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"config field {name} must be >= 0 (0 disables it), got {getattr(self, name)}"
+                )
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(
+                f"config field checkpoints_total_limit must be >= 1 or none, got {self.checkpoints_total_limit}"
+            )
+        if not self.learning_rate > 0:
+            raise ConfigError(f"config field learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(
+                f"config field max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"
+            )
+        if not self.eval_seeds:
+            raise ConfigError("config field eval_seeds is empty: give at least one seed, e.g. [0, 1]")
+
+    def __getattr__(self, name: str) -> Any:
+        # The objective's hyperparameters read like fields: cfg.beta == cfg.params.beta.
+        params = self.__dict__.get("params")
+        if params is not None and name in {f.name for f in dataclasses.fields(params)}:
+            return getattr(params, name)
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+    def check_paths(self) -> None:
+        """File-system checks that need no model: run before anything heavy is loaded."""
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"config field output_dir={self.output_dir!r} is a file: give a directory")
+        for name in ("pretrained_model", "dataset"):
+            value = getattr(self, name)
+            if value != "sandbox" and not Path(os.path.expanduser(value)).exists() and _looks_local(value):
+                raise ConfigError(
+                    f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); "
+                    "check the path"
+                )
+        resume = self.resume_from_checkpoint
+        if resume and resume != "latest" and not Path(resume).is_dir():
+            raise ConfigError(
+                f"config field resume_from_checkpoint={resume!r}: no such directory; give a checkpoint-N "
+                "directory or 'latest'"
+            )
+
+
+#: The name this class had when Diffusion-DPO was the only method.
+DPOConfig = TrainConfig
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a hub id ``owner/name``: absolute, relative with ./ or ~, or with more than one ``/``."""
+    return value.startswith(("/", ".", "~")) or value.count("/") != 1 or os.sep != "/" and os.sep in value
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ValueError(f"config field {name}={value!r} is not valid; choose one of {list(valid)}")
+        raise ConfigError(f"config field {name}={value!r} is not valid; choose one of {list(valid)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,35 +300,115 @@ def _convert(name: str, tp: Any, raw: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({problem}); fix the file") from err
     if not isinstance(data, dict):
-        raise ValueError(
+        raise ConfigError(
             f"config file {path} must contain a mapping of field: value, got {type(data).__name__}"
         )
     return data
 
 
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def _method_params_cls(cls: type, objective: str | None) -> type | None:
+    """The hyperparameter dataclass of ``objective`` when ``cls`` is a config with an objective field."""
+    if "objective" not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    from .objectives.registry import get_objective
+
+    name = objective or next(f.default for f in dataclasses.fields(cls) if f.name == "objective")
+    return get_objective(name).params
+
+
+def _other_objective_fields(names: list[str]) -> dict[str, list[str]]:
+    """``{field: [objectives that declare it]}`` for the names that some registered objective declares."""
+    from .objectives.registry import OBJECTIVE_MODULES, get_objective
+
+    owners: dict[str, list[str]] = {}
+    for o in sorted(OBJECTIVE_MODULES):
+        declared = {f.name for f in dataclasses.fields(get_objective(o).params)}
+        for name in names:
+            if name in declared:
+                owners.setdefault(name, []).append(o)
+    return owners
+
+
+def _unknown_field_error(
+    source: str, unknown: list[str], valid: set[str], objective: str | None
+) -> ConfigError:
+    owners = _other_objective_fields(unknown)
+    parts = []
+    for name in unknown:
+        if name in owners:
+            parts.append(
+                f"{name!r} belongs to objective {owners[name]}, not {objective!r}: remove it or change objective"
+            )
+            continue
+        close = difflib.get_close_matches(name, sorted(valid), n=1)
+        parts.append(f"{name!r} is not a field" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"{source}: " + "; ".join(parts) + " (see --help for the valid fields)")
+
+
 def from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    """Build ``cls`` from flat ``field: value`` pairs; the objective's own fields go to its params dataclass."""
+    data = dict(data)
+    names = {f.name for f in cli_fields(cls)}
+    params_cls = _method_params_cls(cls, data.get("objective"))
+    method_names = {f.name for f in dataclasses.fields(params_cls)} if params_cls else set()
+    unknown = sorted(set(data) - names - method_names)
+    if unknown and params_cls is not None:
+        # A recipe's hyperparameters of another method (e.g. the DPO recipe run with objective sft): ignored, said.
+        for name, owners in _other_objective_fields(unknown).items():
+            print(f"{source}: ignoring {name}={data.pop(name)!r}: a hyperparameter of {owners}, not of "
+                  f"{data.get('objective')!r}", file=sys.stderr)  # fmt: skip
+        unknown = sorted(set(data) - names - method_names)
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-    return cls(**data)
+        raise _unknown_field_error(source, unknown, names | method_names, data.get("objective"))
+    if params_cls is not None:
+        data["params"] = params_cls(**{k: data.pop(k) for k in list(data) if k in method_names})
+    try:
+        return cls(**data)
+    except TypeError as err:  # e.g. a YAML list where a number belongs
+        raise ConfigError(f"{source}: {err}") from err
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type, description: str | None = None, params_cls: type | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or cls.__doc__)
     parser.add_argument("--config", default=None, help="YAML file with field: value pairs")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(
-            f"--{f.name}",
-            default=None,
-            metavar=getattr(_base_type(hints[f.name]), "__name__", "VALUE").upper(),
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+    parser.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks for configuration errors"
+    )
+    for klass, fields in (
+        (cls, cli_fields(cls)),
+        (params_cls, dataclasses.fields(params_cls) if params_cls else []),
+    ):
+        if not fields:
+            continue
+        group = (
+            parser
+            if klass is cls
+            else parser.add_argument_group(f"objective hyperparameters ({klass.__name__})")
         )
+        hints = typing.get_type_hints(klass)
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(
+                f"--{f.name}",
+                default=None,
+                metavar=getattr(_base_type(hints[f.name]), "__name__", "VALUE").upper(),
+                help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            )
     return parser
 
 
@@ -244,18 +425,41 @@ def normalise_flags(argv: list[str]) -> list[str]:
 
 def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     """Defaults < ``--config`` YAML < command-line flags, validated by the dataclass' ``__post_init__``.
-    Flags may be spelled with dashes or underscores."""
-    parser = build_parser(cls)
-    args = parser.parse_args(normalise_flags(list(sys.argv[1:] if argv is None else argv)))
-    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    Flags may be spelled with dashes or underscores. Raises :class:`ConfigError` (one line for people)."""
+    argv = normalise_flags(list(sys.argv[1:] if argv is None else argv))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--objective", default=None)
+    known, _ = pre.parse_known_args(argv)
+    data: dict[str, Any] = load_yaml(known.config) if known.config else {}
+    objective = known.objective or data.get("objective")
+    params_cls = _method_params_cls(cls, objective)
+    parser = build_parser(cls, params_cls=params_cls)
+    args, rest = parser.parse_known_args(argv)
     source = args.config or "config"
-    hints = typing.get_type_hints(cls)
+    if rest:
+        flags = [r[2:].partition("=")[0] for r in rest if r.startswith("--")]
+        if not flags:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        valid = {f.name for f in cli_fields(cls)} | (
+            {f.name for f in dataclasses.fields(params_cls)} if params_cls else set()
+        )
+        raise _unknown_field_error("command line", flags, valid, objective)
+    hints = {**(typing.get_type_hints(params_cls) if params_cls else {}), **typing.get_type_hints(cls)}
     for name, raw in vars(args).items():
-        if name == "config" or raw is None:
+        if name in ("config", "debug") or raw is None:
             continue
-        data[name] = _convert(name, hints[name], raw)
+        try:
+            data[name] = _convert(name, hints[name], raw)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     return from_dict(cls, data, source)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Flat ``field: value`` (the objective's hyperparameters inline): what ``from_dict`` reads back."""
+    out = {f.name: getattr(cfg, f.name) for f in cli_fields(type(cfg))}
+    params = getattr(cfg, "params", None)
+    if params is not None and dataclasses.is_dataclass(params):
+        out.update(dataclasses.asdict(params))
+    return json.loads(json.dumps(out))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffalign.training import checkpoint as ck
-from diffalign.training.offline import get_objective, pair_randomness, pair_seed
+from diffalign.diffusion.parts import pair_randomness, pair_seed
+from diffalign.objectives.registry import get_objective
 
 
 def test_pair_randomness_depends_only_on_seed_epoch_and_index():
@@ -27,7 +28,7 @@ def test_pair_randomness_depends_only_on_seed_epoch_and_index():
 
 
 def test_unknown_objective_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"valid: \['dpo', 'sft'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \[.dpo., .sft.\]"):
         get_objective("ppo")
 
 
@@ -42,18 +43,22 @@ def test_checkpoint_listing_ignores_incomplete_and_resolves_latest(tmp_path):
         "checkpoint-10",
         "checkpoint-50",
     ]
-    assert ck.resolve_resume(tmp_path, "latest").name == "checkpoint-50"
-    assert ck.resolve_resume(tmp_path / "empty", "latest") is None
-    assert ck.resolve_resume(tmp_path, None) is None
+    assert [p.name for p in ck.resume_candidates(tmp_path, "latest")] == [
+        "checkpoint-50",
+        "checkpoint-10",
+        "checkpoint-5",
+    ]  # newest first: a resume falls back along this list
+    assert ck.resume_candidates(tmp_path / "empty", "latest") == []
+    assert ck.resume_candidates(tmp_path, None) == []
     with pytest.raises(FileNotFoundError, match="not a complete diffalign checkpoint"):
-        ck.resolve_resume(tmp_path, str(tmp_path / "checkpoint-60.tmp"))
+        ck.resume_candidates(tmp_path, str(tmp_path / "checkpoint-60.tmp"))
 
 
 def test_optimizer_choices():
     import importlib.util
 
     from diffalign.config import DPOConfig
-    from diffalign.training.offline import build_optimizer
+    from diffalign.training.run import build_optimizer
 
     p = torch.nn.Parameter(torch.ones(4, 4))
     for name in ("adamw", "adafactor"):

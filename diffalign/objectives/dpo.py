@@ -22,14 +22,24 @@ to give β' (it is converted with ``β = 2·β'``); all formulas below use the o
 Implicit rewards (per image, official convention): ``r_w = −0.5·β·(err_θ(w) − err_ref(w))`` and likewise ``r_l``;
 ``inside = r_w − r_l`` is the reward margin. It is 0 when the model equals the reference.
 
+Soft labels (ties kept with ``tie_policy: keep``): with ``p`` the probability that the slot-0 image is preferred,
+the sigmoid loss is the cross-entropy ``−p·log σ(inside) − (1−p)·log σ(−inside)``; ``p = 1`` is the usual loss and
+``p = 0.5`` has its minimum at ``inside = 0``: a tie pulls the margin to zero instead of training "image 0 wins".
+
 Every loss returns the **unreduced** per-pair loss ``Tensor[B]`` and a dict of detached per-pair metrics ``Tensor[B]``;
 the training loop reduces (mean), gathers across processes and logs them as ``dpo/<name>``.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass, field
+
+from ..utils.lazy import lazy_module
+from .inputs import PairErrors
+from .registry import NoParams, ObjectiveSpec
+
+torch = lazy_module("torch")  # imported on first use: building the command line must not wait for torch
+F = lazy_module("torch.nn.functional")
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -90,6 +100,7 @@ def diffusion_dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     beta_convention: str = "official",
+    label_w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Diffusion-DPO loss per pair (see the module docstring for the equation and the β conventions).
 
@@ -113,6 +124,11 @@ def diffusion_dpo_loss(
               reads an undefined argument and cannot run; this is the form it evidently meant, with the official β.)
         label_smoothing: ε in ``[0, 0.5)``; only meaningful for ``"sigmoid"`` (any other loss with ε ≠ 0 raises).
         beta_convention: ``"official"`` or ``"diffusers"`` (β' = β/2; see :data:`BETA_CONVENTIONS`).
+        label_w: ``Tensor[B]`` probability ``p`` that the slot-0 image is preferred (1 = decided pair, the default;
+            0.5 = tie). With ε label smoothing the label becomes ``q = p·(1−ε) + (1−p)·ε``; sigmoid:
+            ``−q·log σ(inside) − (1−q)·log σ(−inside)``; hinge: ``p·relu(1 − inside) + (1−p)·relu(1 + inside)``;
+            ipo: ``(z − (p − ½)/β)²`` (IPO's target for a preference probability ``p``; ``1/(2β)`` when ``p = 1``,
+            ``0`` for a tie).
 
     Returns:
         ``(loss[B], metrics)`` with float32 per-pair tensors; metrics (all detached, names in :data:`DPO_METRICS`):
@@ -143,15 +159,29 @@ def diffusion_dpo_loss(
     reward_l = -0.5 * b * (m_l - r_l)
     inside = reward_w - reward_l  # = -0.5 · β · Δ
 
+    if label_w is None:
+        p = None
+    else:
+        if tuple(label_w.shape) != tuple(m_w.shape) or bool(((label_w < 0) | (label_w > 1)).any()):
+            raise ValueError(f"label_w must be probabilities in [0, 1] of shape {tuple(m_w.shape)}")
+        p = label_w.to(m_w.device, torch.float32)
     if loss_type == "sigmoid":
-        loss = -(1.0 - label_smoothing) * F.logsigmoid(inside)
-        if label_smoothing:
-            loss = loss - label_smoothing * F.logsigmoid(-inside)
+        q = (
+            (1.0 - label_smoothing)
+            if p is None
+            else p * (1.0 - label_smoothing) + (1.0 - p) * label_smoothing
+        )
+        loss = -q * F.logsigmoid(inside)
+        if label_smoothing or p is not None:
+            loss = loss - (1.0 - q) * F.logsigmoid(-inside)
     elif loss_type == "hinge":
         loss = torch.relu(1.0 - inside)
+        if p is not None:
+            loss = p * loss + (1.0 - p) * torch.relu(1.0 + inside)
     else:  # ipo
         z = -0.5 * ((m_w - r_w) - (m_l - r_l))  # unscaled margin; inside == b * z
-        loss = (z - 1.0 / (2.0 * b)) ** 2
+        target = 1.0 / (2.0 * b) if p is None else (p - 0.5) / b
+        loss = (z - target) ** 2
 
     metrics = {
         "implicit_acc": _implicit_accuracy(inside.detach()),
@@ -179,3 +209,87 @@ def sft_loss(model_err_w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.T
         raise ValueError(f"sft_loss expects per-sample errors of shape [B], got {tuple(model_err_w.shape)}.")
     loss = model_err_w.float()
     return loss, {"model_err_w": loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry entries (diffalign.objectives.registry)
+
+
+@dataclass
+class DPOParams:
+    """Diffusion-DPO hyperparameters (flat ``--flags`` and YAML keys)."""
+
+    beta: float = field(
+        default=5000.0, metadata={"help": "KL strength β in the official convention (paper: 2000-5000)"}
+    )
+    beta_convention: str = field(
+        default="official", metadata={"help": "'official' (Wallace et al. code) or 'diffusers' (β' = β/2)"}
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss variant: sigmoid, hinge or ipo"})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "robust/conservative DPO label smoothing ε in [0, 0.5); sigmoid loss only"},
+    )
+
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(
+                f"config field loss_type={self.loss_type!r} is not valid; choose one of {list(LOSS_TYPES)}"
+            )
+        if self.beta_convention not in BETA_CONVENTIONS:
+            raise ConfigError(
+                f"config field beta_convention={self.beta_convention!r} is not valid; choose one of "
+                f"{list(BETA_CONVENTIONS)}"
+            )
+        if not self.beta > 0:
+            raise ConfigError(
+                f"config field beta must be > 0, got {self.beta} (the official Diffusion-DPO value is 5000)"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config field label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(
+                f"config field label_smoothing={self.label_smoothing} works only with loss_type sigmoid, not "
+                f"{self.loss_type!r}: set label_smoothing 0 or loss_type sigmoid"
+            )
+
+
+def _dpo_objective(x: PairErrors, p: DPOParams):
+    return diffusion_dpo_loss(
+        x.model_w,
+        x.model_l,
+        x.ref_w,
+        x.ref_l,
+        beta=p.beta,
+        loss_type=p.loss_type,
+        label_smoothing=p.label_smoothing,
+        beta_convention=p.beta_convention,
+        label_w=x.label_w,
+    )
+
+
+def _sft_objective(x: PairErrors, p: NoParams):
+    return sft_loss(x.model_w)
+
+
+SPECS = {
+    "dpo": ObjectiveSpec(
+        name="dpo",
+        loss=_dpo_objective,
+        params=DPOParams,
+        description="Diffusion-DPO (Wallace et al. 2023): ELBO-based implicit rewards of winner and loser",
+        inputs="pair_errors",
+        needs_reference=True,
+        metric_prefix="dpo",
+    ),
+    "sft": ObjectiveSpec(
+        name="sft",
+        loss=_sft_objective,
+        description="SFT baseline of Diffusion-DPO: the denoising loss on the winners only",
+        inputs="winner_errors",
+        needs_reference=False,
+        metric_prefix="train",
+    ),
+}

@@ -2,11 +2,15 @@
 
 A checkpoint directory ``checkpoint-<step>`` appears only once everything in it is on disk, so a process killed
 mid-write never leaves a half checkpoint that ``--resume_from_checkpoint latest`` would pick up. ``train_state.json``
-holds the loop position (optimizer step, epoch, micro-batches consumed in the epoch) for an exact resume.
+holds the loop position (optimizer step, epoch, micro-batches consumed in the epoch) for an exact resume, and the
+SHA-256 of every file in the checkpoint: a file damaged later (scrambled bytes that still parse, a truncated shard)
+is named when the checkpoint is loaded instead of resuming into NaN losses. ``latest`` falls back to the newest
+checkpoint that verifies and loads, and says which ones it skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,20 +29,55 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """``None`` -> no resume; ``"latest"`` -> the newest complete checkpoint (or ``None`` when there is none);
-    a path -> that checkpoint (must exist)."""
+def resume_candidates(output_dir: str | Path, resume: str | None) -> list[Path]:
+    """Checkpoints to try, in order: ``None`` -> none; ``"latest"`` -> every complete checkpoint, newest first (the
+    caller falls back along the list); a path -> just that checkpoint (must exist)."""
     if not resume:
-        return None
+        return []
     if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        return list_checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not (path / "train_state.json").is_file():
         raise FileNotFoundError(
             f"resume_from_checkpoint={resume!r}: {path} is not a complete diffalign checkpoint (no train_state.json)"
         )
-    return path
+    return [path]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``directory`` except ``train_state.json``."""
+    return {
+        str(p.relative_to(directory)): _sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "train_state.json"
+    }
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`~diffalign.errors.TrainingError` naming the first file whose bytes differ from when the
+    checkpoint was written (or that is missing). Checkpoints written before digests existed pass unchecked."""
+    from ..errors import TrainingError
+
+    try:
+        state = load_train_state(path)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"checkpoint {path}: train_state.json is unreadable ({err})") from err
+    for rel, digest in state.get("files", {}).items():
+        f = Path(path) / rel
+        if not f.is_file():
+            raise TrainingError(f"checkpoint {path}: file {f} is missing")
+        if _sha256(f) != digest:
+            raise TrainingError(
+                f"checkpoint {path}: file {f} is corrupt (its SHA-256 differs from when it was saved)"
+            )
 
 
 def save_checkpoint(
@@ -60,7 +99,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / "train_state.json", "w") as f:
-            json.dump(train_state, f, indent=2)
+            json.dump({**train_state, "files": file_digests(tmp)}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)

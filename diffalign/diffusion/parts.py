@@ -1,0 +1,183 @@
+r"""The replaceable parts of a denoising training step, each a small function with its maths here.
+
+An offline-pairs step (:mod:`diffalign.training.step`) is: per-pair randomness → timestep draw → noising →
+denoiser → error space → per-sample reduction → objective. A method's :class:`~diffalign.objectives.registry.
+ObjectiveSpec` names the part it uses at each seam (``timesteps``, ``noising``, ``error_space``); the loop looks
+the name up in the dicts below.
+
+**Per-pair randomness.** Everything random that decides a pair's loss (timestep, noise, prompt-dropout draw) comes
+from one generator seeded by ``(seed, epoch, dataset index)`` (:func:`pair_seed`), drawn in a fixed order — the
+timestep, then the noise, then the dropout uniform — so a pair gets the same draws whatever the process count, the
+batch it lands in, or an interruption.
+
+**Timesteps** (one per pair, shared by winner and loser):
+
+- ``uniform``: ``t ~ U{0, …, T−1}`` (Diffusion-DPO);
+- ``grid``: ``t ~ U(grid)`` for a fixed grid, e.g. a 4-step distilled model's ``{249, 499, 749, 999}`` (PSO).
+
+**Noising** ``(x0, ε, t) -> (x_t, ε_used)``: ``gaussian`` is ``x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε`` with the drawn ε. A
+noising part receives a :class:`NoisingContext` that can call the current model, so a DDIM-inversion noising (InPO)
+plugs in here and returns the implied noise ``ε̃ = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t)`` as ``ε_used``.
+
+**Error space** ``(pred, x0, ε_used, x_t, t) -> err[N]``:
+
+- ``target``: ``mean_{C,H,W}(pred − target)²`` with target ε / v / x0 per the model's prediction type
+  (Diffusion-DPO);
+- ``x0``: ``w(t) · mean_{C,H,W}(x̂0 − x0)²`` with ``x̂0`` recovered from the prediction and a weighting ``w(t)``:
+  ``1`` or ``σ_t⁻² = ᾱ_t/(1−ᾱ_t)`` (EDM-style, PSO's customisation form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .noise import _coefficients, add_noise, per_sample_mse, prediction_target
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-pair randomness
+
+
+def pair_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from (seed, epoch, dataset index); distinct keys give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def uniform_timestep(
+    g: torch.Generator, num_train_timesteps: int, grid: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """``t ~ U{0, …, T−1}`` as a ``LongTensor[1]``."""
+    return torch.randint(0, num_train_timesteps, (1,), generator=g)
+
+
+def grid_timestep(
+    g: torch.Generator, num_train_timesteps: int, grid: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """``t ~ U(grid)`` as a ``LongTensor[1]`` (every grid value must lie in ``[0, T)``)."""
+    if not grid:
+        raise ValueError("timesteps='grid' needs a non-empty grid of timesteps, e.g. (249, 499, 749, 999)")
+    if min(grid) < 0 or max(grid) >= num_train_timesteps:
+        raise ValueError(f"timestep grid {grid} must lie in [0, {num_train_timesteps})")
+    i = torch.randint(0, len(grid), (1,), generator=g)
+    return torch.tensor(grid, dtype=torch.long)[i]
+
+
+TIMESTEP_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "uniform": uniform_timestep,
+    "grid": grid_timestep,
+}
+
+
+def pair_randomness(
+    indices: torch.Tensor,
+    seed: int,
+    epoch: int,
+    latent_shape: tuple[int, ...],
+    num_train_timesteps: int,
+    timesteps: str = "uniform",
+    grid: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each pair: timestep ``[B]`` long, noise ``[B, *latent_shape]`` float32, dropout uniform ``[B]``.
+
+    The winner and the loser of a pair share the timestep and the noise (Diffusion-DPO). ``timesteps`` names a
+    :data:`TIMESTEP_SAMPLERS` entry (``grid`` reads ``grid``)."""
+    draw = TIMESTEP_SAMPLERS[timesteps]
+    ts, noises, us = [], [], []
+    for idx in indices.tolist():
+        g = torch.Generator().manual_seed(pair_seed(seed, epoch, int(idx)))
+        ts.append(draw(g, num_train_timesteps, grid))
+        noises.append(torch.randn((1, *latent_shape), generator=g))
+        us.append(torch.rand((1,), generator=g))
+    return torch.cat(ts), torch.cat(noises), torch.cat(us)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# noising
+
+
+@dataclass
+class NoisingContext:
+    """What a noising part may use besides ``(x0, ε, t)``: the schedule, and a call into the current model
+    (``model(x_t, t) -> prediction`` with the batch's conditioning bound) for inversion-style noisings; ``params``
+    is the objective's hyperparameter dataclass."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    params: Any = None
+
+
+def gaussian_noising(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ctx: NoisingContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh Gaussian noising: ``x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε``; returns ``(x_t, ε)``."""
+    return add_noise(x0, noise, t, ctx.alphas_cumprod), noise
+
+
+NOISINGS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"gaussian": gaussian_noising}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# error spaces
+
+
+def x0_from_prediction(
+    pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """``x̂0`` from a denoiser output: ε → ``(x_t − √(1−ᾱ)·ε̂)/√ᾱ``; v → ``√ᾱ·x_t − √(1−ᾱ)·v̂``; sample → itself."""
+    sqrt_a, sqrt_1ma = _coefficients(alphas_cumprod, t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - sqrt_1ma * pred) / sqrt_a
+    if prediction_type == "v_prediction":
+        return sqrt_a * x_t - sqrt_1ma * pred
+    if prediction_type == "sample":
+        return pred
+    raise ValueError(f"Unknown prediction_type {prediction_type!r}")
+
+
+def snr_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``σ_t⁻² = ᾱ_t / (1 − ᾱ_t)`` per sample, float32 ``[N]`` (the signal-to-noise ratio)."""
+    a = alphas_cumprod.to(t.device, torch.float32)[t]
+    return a / (1.0 - a)
+
+
+def target_space_error(
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    ctx: NoisingContext,
+    weighting: str = "none",
+) -> torch.Tensor:
+    """``mean_{C,H,W}(pred − target)²`` with the model's own target (ε, v or x0); float32 ``[N]``."""
+    return per_sample_mse(pred, prediction_target(x0, noise, t, ctx.alphas_cumprod, ctx.prediction_type))
+
+
+def x0_space_error(
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    ctx: NoisingContext,
+    weighting: str = "snr",
+) -> torch.Tensor:
+    """``w(t) · mean_{C,H,W}(x̂0 − x0)²``; ``weighting`` ``"none"`` (w = 1) or ``"snr"`` (w = σ_t⁻²). float32 ``[N]``.
+
+    For an ε-predicting model, ``x̂0 − x0 = −√(1−ᾱ)/√ᾱ · (ε̂ − ε)``, so the σ⁻²-weighted x0 error equals the ε error."""
+    x0_hat = x0_from_prediction(pred.float(), x_t.float(), t, ctx.alphas_cumprod, ctx.prediction_type)
+    err = per_sample_mse(x0_hat, x0)
+    if weighting == "snr":
+        return err * snr_weight(t, ctx.alphas_cumprod)
+    if weighting == "none":
+        return err
+    raise ValueError(f"unknown x0 error weighting {weighting!r}; valid: ['none', 'snr']")
+
+
+ERROR_SPACES: dict[str, Callable[..., torch.Tensor]] = {"target": target_space_error, "x0": x0_space_error}

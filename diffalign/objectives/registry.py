@@ -1,0 +1,98 @@
+"""The objective registry: a method is a name looked up here, and its :class:`ObjectiveSpec` says what it needs.
+
+A loop never asks "which method is this?"; it reads the spec: whether a reference model is needed, which inputs the
+loss takes, whether the losers go through the UNet, which timestep distribution, noising and error space the step
+uses, and the prefix of the method's metrics. The method's hyperparameters are a dataclass of its own (fields with
+help texts); the command line and the YAML recipes expose its fields as flat ``--flags`` next to the common ones.
+
+Adding a method: write ``diffalign/objectives/<method>.py`` with the loss, its hyperparameter dataclass and a
+``SPECS = {name: ObjectiveSpec(...)}`` dict, add one line to :data:`OBJECTIVE_MODULES`, and a ``configs/`` recipe
+(``docs/architecture.md``). Modules are imported lazily, and objective files import torch lazily, so building the
+command line stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+#: objective name -> module that defines it (in its ``SPECS`` dict).
+OBJECTIVE_MODULES: dict[str, str] = {
+    "dpo": "diffalign.objectives.dpo",
+    "sft": "diffalign.objectives.dpo",
+}
+
+INPUTS = ("pair_errors", "winner_errors", "trajectory_logprobs")
+LOOPS = ("offline_pairs", "online")
+TIMESTEPS = ("uniform", "grid")
+NOISINGS = ("gaussian",)
+ERROR_SPACES = ("target", "x0")
+
+
+@dataclass
+class NoParams:
+    """A method without hyperparameters of its own."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What a method needs from the loop; the loop reads it instead of branching on the method's name.
+
+    ``loss(inputs, params) -> (loss[B], metrics {name: [B]})``: ``inputs`` is a :class:`~diffalign.objectives.
+    inputs.PairErrors` for ``inputs="pair_errors"``/``"winner_errors"``; ``params`` an instance of ``params``.
+    """
+
+    name: str
+    loss: Callable[[Any, Any], tuple[Any, dict[str, Any]]]
+    description: str
+    params: type = NoParams
+    loop: str = "offline_pairs"
+    inputs: str = "pair_errors"
+    needs_reference: bool = True
+    timesteps: str = "uniform"
+    noising: str = "gaussian"
+    error_space: str = "target"
+    metric_prefix: str = "dpo"
+
+    def __post_init__(self) -> None:
+        for field, value, valid in (
+            ("loop", self.loop, LOOPS),
+            ("inputs", self.inputs, INPUTS),
+            ("timesteps", self.timesteps, TIMESTEPS),
+            ("noising", self.noising, NOISINGS),
+            ("error_space", self.error_space, ERROR_SPACES),
+        ):
+            if value not in valid:
+                raise ValueError(f"ObjectiveSpec {self.name!r}: {field}={value!r}; valid: {list(valid)}")
+        if not dataclasses.is_dataclass(self.params):
+            raise TypeError(f"ObjectiveSpec {self.name!r}: params must be a dataclass type")
+
+    @property
+    def uses_losers(self) -> bool:
+        """Whether the losers go through the UNet (SFT trains on winners only: half the compute)."""
+        return self.inputs == "pair_errors"
+
+
+def objective_names() -> list[str]:
+    return sorted(OBJECTIVE_MODULES)
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    """The spec registered as ``name``; an unknown name raises :class:`ConfigError` listing the valid ones."""
+    if name not in OBJECTIVE_MODULES:
+        raise ConfigError(
+            f"config field objective={name!r} is not a known objective; choose one of {objective_names()}"
+        )
+    module = importlib.import_module(OBJECTIVE_MODULES[name])
+    return module.SPECS[name]
+
+
+def params_from_dict(spec: ObjectiveSpec, values: dict[str, Any]) -> Any:
+    """The method's hyperparameter dataclass from the fields of ``values`` it declares (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(spec.params)}
+    return spec.params(**{k: v for k, v in values.items() if k in names})

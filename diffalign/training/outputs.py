@@ -1,0 +1,171 @@
+"""What a training run produces, shared by every loop: validation grids, the exported weights with their model
+card, and the final base-vs-aligned evaluation (``eval.json``).
+
+"Base" is always the starting weights: the LoRA adapters disabled, the frozen reference copy (full fine-tuning with
+a reference), or the pretrained UNet loaded again from disk (full fine-tuning without a reference, e.g. SFT — the
+trained UNet itself must never stand in for the base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import TrainingError
+from ..models import lora as lora_lib
+from .run import Run
+
+
+def inference_pipeline(run: Run):
+    """An inference pipeline around the current UNet (adapters live: use :func:`base_context` for the base)."""
+    from diffusers import DiffusionPipeline
+
+    c = run.comps
+    kw = {
+        "unet": run.unwrapped_unet(),
+        "vae": c.vae,
+        "text_encoder": c.text_encoders[0],
+        "tokenizer": c.tokenizers[0],
+    }
+    if c.sdxl:
+        kw.update(text_encoder_2=c.text_encoders[1], tokenizer_2=c.tokenizers[1])
+    else:
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(c.model_path, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _starting_unet(run: Run) -> torch.nn.Module:
+    """The base UNet for full fine-tuning: the reference copy if there is one, else loaded from the model again."""
+    if run.reference is not None and hasattr(run.reference, "ref"):
+        return run.reference.ref
+    if "base_unet" not in run.extra:
+        from diffusers import UNet2DConditionModel
+
+        c = run.comps
+        unet = UNet2DConditionModel.from_pretrained(c.model_path, subfolder="unet")
+        run.extra["base_unet"] = unet.to(run.device, run.unwrapped_unet().dtype).eval().requires_grad_(False)
+    return run.extra["base_unet"]
+
+
+def base_context(run: Run, pipe):
+    """Run ``pipe`` as the base model: adapters off (LoRA) or the starting weights (full fine-tuning)."""
+    from ..eval.compare import adapters_disabled
+
+    if run.cfg.finetune == "lora":
+        return adapters_disabled(pipe)
+
+    @contextlib.contextmanager
+    def swap():
+        current = pipe.unet
+        pipe.unet = _starting_unet(run)
+        try:
+            yield
+        finally:
+            pipe.unet = current
+
+    return swap()
+
+
+@torch.no_grad()
+def validate(run: Run, step: int) -> Path | None:
+    """Fixed prompts and seeds: the base (top row block) above the current model, each row labelled, each column
+    headed by its prompt and seed; saved as ``validation/step-<N>.png`` and logged to TensorBoard."""
+    cfg, acc = run.cfg, run.accelerator
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return None
+    from ..eval.compare import expand_prompts, generate
+    from ..eval.report import image_grid
+
+    run.unet.eval()
+    pipe = inference_pipeline(run)
+    rows_p, rows_s = expand_prompts(cfg.validation_prompts, cfg.validation_seeds)
+    kw = dict(steps=cfg.eval_steps, guidance=cfg.eval_guidance)
+    with base_context(run, pipe):
+        base = generate(pipe, rows_p, rows_s, desc="validation base", **kw)
+    cur = generate(pipe, rows_p, rows_s, desc="validation", **kw)
+    images = np.concatenate([base, cur])
+    columns = [f"{p} (seed {s})" for p, s in zip(rows_p, rows_s)]
+    try:
+        from ..eval.report import labelled_grid
+
+        grid = labelled_grid(images, ["base", f"step {step}"], columns, ncols=len(rows_p), scale=4)
+    except ImportError:  # pragma: no cover - older report module
+        grid = image_grid(images, ncols=len(rows_p), scale=4)
+    out = run.output_dir / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step-{step:06d}.png"
+    grid.save(path)
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/base_vs_current", np.asarray(grid), step, dataformats="HWC")
+    run.unet.train()
+    acc.wait_for_everyone()
+    return path
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write non-finite weights: raise naming the first bad tensor."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(
+                f"{what}: tensor {name} holds NaN/inf values; nothing was exported (the run diverged: lower the "
+                "learning rate, or resume from an earlier checkpoint)"
+            )
+
+
+def export(run: Run, metrics: dict, data_description: dict) -> Path:
+    """LoRA -> ``<out>/lora`` (stock ``load_lora_weights``); full -> ``<out>/unet`` (``save_pretrained``); plus the
+    model card. Non-finite weights are never written."""
+    acc, cfg = run.accelerator, run.cfg
+    acc.wait_for_everyone()
+    unet = run.unwrapped_unet()
+    # Collective under FSDP / ZeRO-3 (every process takes part; the main process gets the full weights);
+    # the module's own state_dict would hold only this process's shard there.
+    state = acc.get_state_dict(run.unet)
+    if cfg.finetune == "lora":
+        target = run.output_dir / "lora"
+        if acc.is_main_process:
+            check_finite(lora_lib.lora_state_dict(unet, state), f"export to {target}")
+            lora_lib.save_lora(target, unet, sdxl=run.comps.sdxl, state_dict=state)
+    else:
+        target = run.output_dir / "unet"
+        if acc.is_main_process:
+            check_finite(state, f"export to {target}")
+            unet.save_pretrained(target, safe_serialization=True, state_dict=state)
+    if acc.is_main_process:
+        from .model_card import write_model_card
+
+        write_model_card(run.output_dir, cfg, data_description, metrics or {}, target)
+    acc.wait_for_everyone()
+    return target
+
+
+def evaluate(run: Run) -> dict | None:
+    """Base vs aligned on the evaluation split's prompts, same seeds; writes ``<out>/eval.json``."""
+    cfg, acc = run.cfg, run.accelerator
+    result = None
+    if acc.is_main_process:
+        from ..eval.protocol import evaluate_pipeline_pair
+
+        pipe = inference_pipeline(run)
+        result = evaluate_pipeline_pair(
+            pipe,
+            base_context=base_context(run, pipe),
+            dataset=cfg.dataset,
+            split=cfg.eval_split,
+            num_prompts=cfg.eval_num_prompts,
+            seeds=cfg.eval_seeds,
+            steps=cfg.eval_steps,
+            guidance=cfg.eval_guidance,
+            reward=cfg.eval_reward,
+            batch_size=cfg.eval_batch_size,
+            output_dir=run.output_dir,
+        )
+    acc.wait_for_everyone()
+    return result

@@ -1,0 +1,130 @@
+"""The offline-pairs training step, composed of the parts in :mod:`diffalign.diffusion.parts` and
+:mod:`diffalign.models.conditioning`, chosen by the objective's spec.
+
+    batch ─► latents x0 (winners, and losers if the spec uses them) ─► per-pair (t, ε, u) from (seed, epoch, index)
+          ─► conditioning (text, prompt dropout by u, SDXL time ids)
+          ─► noising (spec.noising) ─► policy prediction ─► error space (spec.error_space) ─► err_θ [N]
+          ─► reference prediction (if spec.needs_reference; no grad, autocast) ─► err_ref [N]
+          ─► objective (spec.loss) ─► (loss [B], metrics)
+
+Winners and losers are stacked ``[w_0..w_{B-1}, l_0..l_{B-1}]`` and share ``t`` and ``ε`` (Diffusion-DPO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..diffusion import noise as dn
+from ..diffusion import parts
+from ..models import conditioning as mc
+from ..models import pipeline as mp
+from ..objectives.inputs import PairErrors
+from ..objectives.registry import ObjectiveSpec
+
+
+@dataclass
+class PairStep:
+    """``step(batch, epoch) -> (loss [B], metrics {name: [B]})`` for one micro-batch of pairs."""
+
+    spec: ObjectiveSpec
+    params: Any
+    comps: mp.Components
+    unet: torch.nn.Module
+    reference: Any  # context manager factory yielding the reference module, or None
+    alphas_cumprod: torch.Tensor
+    weight_dtype: torch.dtype
+    empty_text: dict[str, torch.Tensor]
+    seed: int
+    prompt_dropout: float
+    resolution: int
+    device: torch.device
+    autocast: Any = (
+        contextlib.nullcontext
+    )  # accelerator.autocast: the frozen reference copy is not wrapped by it
+    timestep_grid: tuple[int, ...] | None = None
+
+    def latents_and_text(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``latents [B, 2, C, h, w]`` float32 and text embeddings ``{name: [B, ...]}`` (cached or encoded now)."""
+        if "latents" in batch:
+            latents = batch["latents"]
+            text = {k: v.to(self.device) for k, v in batch["text"].items()}
+        else:  # on the fly: encode winner and loser pixels
+            pix = batch["pixel_values"]  # [B, 2, 3, H, W]
+            latents = mp.encode_images(self.comps, pix.flatten(0, 1).to(self.device)).unflatten(
+                0, (pix.shape[0], 2)
+            )
+            text = mp.encode_prompts(self.comps, list(batch["captions"]))
+        return latents.to(self.device, torch.float32), text
+
+    def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents, text = self.latents_and_text(batch)
+        k = 2 if self.spec.uses_losers else 1  # SFT: winners only, half the UNet work
+        x0 = torch.cat([latents[:, i] for i in range(k)], dim=0)  # [kB, C, h, w]
+
+        t, noise, u = parts.pair_randomness(
+            batch["index"],
+            self.seed,
+            epoch,
+            tuple(x0.shape[1:]),
+            len(self.alphas_cumprod),
+            self.spec.timesteps,
+            self.timestep_grid,
+        )
+        t, noise, u = t.to(self.device), noise.to(self.device), u.to(self.device)
+        if self.prompt_dropout > 0:  # replace captions by "" for a share of pairs (same for winner and loser)
+            text = mc.drop_prompts(text, self.empty_text, u < self.prompt_dropout)
+
+        def rows(x):  # per-pair values -> the stacked layout
+            return torch.cat([x] * k, dim=0)
+
+        tk, noise_k = rows(t), rows(noise)
+        cond = mc.text_conditioning(
+            self.comps,
+            {n: rows(v) for n, v in text.items()},
+            self.resolution,
+            _image_rows(batch.get("original_sizes"), k),
+            _image_rows(batch.get("crop_top_lefts"), k),
+        )
+        kwargs = cond.unet_kwargs(self.weight_dtype)
+        ctx = parts.NoisingContext(
+            self.alphas_cumprod,
+            self.comps.prediction_type,
+            model=lambda x, tt: self.unet(x.to(self.weight_dtype), tt, **kwargs).sample,
+            params=self.params,
+        )
+        noisy, eps = parts.NOISINGS[self.spec.noising](x0, noise_k, tk, ctx)
+        error = parts.ERROR_SPACES[self.spec.error_space]
+        weighting = getattr(self.params, "error_weighting", "none")
+
+        pred = self.unet(noisy.to(self.weight_dtype), tk, **kwargs).sample
+        model_err = error(pred, x0, eps, noisy, tk, ctx, weighting)
+        ref_err = None
+        if self.spec.needs_reference:
+            with self.reference() as ref, self.autocast():
+                ref_pred = ref(noisy.to(self.weight_dtype), tk, **kwargs).sample
+            ref_err = error(ref_pred, x0, eps, noisy, tk, ctx, weighting)
+
+        label = batch.get("label_w")
+        inputs = PairErrors(
+            *_split(model_err, k),
+            *_split(ref_err, k),
+            label_w=None if label is None else label.to(self.device),
+        )
+        return self.spec.loss(inputs, self.params)
+
+
+def _split(err: torch.Tensor | None, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if err is None:
+        return None, None
+    return dn.split_pair(err) if k == 2 else (err, None)
+
+
+def _image_rows(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """``[B, 2, n]`` per-image values -> ``[kB, n]`` (winners, then losers when ``k = 2``)."""
+    if x is None:
+        return None
+    return torch.cat([x[:, i] for i in range(k)], dim=0)
