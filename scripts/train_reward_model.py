@@ -10,7 +10,7 @@ the backbone CLIP's own cosine and chance.
     python scripts/train_reward_model.py --source rendered --num_pairs 3000 --freeze_backbone false \
         --output_dir outputs/vp-score-rendered
 
-Every field of ``diffalign.rewards.training.RewardTrainConfig`` is a ``--flag`` (see ``--help``; ``--config`` reads
+Every field of ``diffalign.rewards.reward_model_config.RewardTrainConfig`` is a ``--flag`` (see ``--help``; ``--config`` reads
 a YAML file). Writes the checkpoint (``config.json``, ``heads.safetensors``, and ``backbone/`` unless it references
 the frozen backbone's directory), ``metrics.json`` and ``README.md`` to ``--output_dir``.
 """
@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model comes from a local directory
 
 from diffalign.config import parse_config  # noqa: E402
-from diffalign.rewards.training import RewardTrainConfig, train_reward_model  # noqa: E402
+from diffalign.rewards.reward_model_config import RewardTrainConfig  # noqa: E402
+from diffalign.training.reward_model import train_reward_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
