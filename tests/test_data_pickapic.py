@@ -26,6 +26,7 @@ from diffalign.data import (
     classify_row,
     collate_pairs,
     decode_rgb,
+    load_pickapic_split,
     validate_table,
     write_pickapic_dataset,
     write_pickapic_split,
@@ -97,6 +98,36 @@ def test_written_directory_loads_five_splits_by_name(tmp_path):
     schema = pq.read_schema(tmp_path / "ds" / "data" / "validation_unique-00000-of-00001.parquet")
     assert str(schema.field("created_at").type) == "timestamp[ns]"
     assert str(schema.field("jpg_0").type) == "binary" and str(schema.field("label_0").type) == "double"
+
+
+def test_an_empty_split_loads_empty_and_leaves_the_other_splits_loadable(tmp_path):
+    import datasets
+
+    write_pickapic_dataset({"train": [make_row(0), make_row(1)], "validation": []}, tmp_path / "ds")
+    train = pairs(tmp_path, [make_row(0), make_row(1)])  # rewrites train only: the empty validation stays
+    assert len(train) == 2
+    empty = PickAPicPairs(tmp_path / "ds", "validation", cache_dir=str(tmp_path / "hf"), show_progress=False)
+    assert len(empty) == 0 and empty.stats.rows_seen == 0
+    assert load_pickapic_split(tmp_path / "ds", "validation", streaming=True).features is not None
+    # datasets itself reads the other splits of the directory (the empty file has no row group to choke on)
+    assert (
+        datasets.load_dataset(str(tmp_path / "ds"), split="train", cache_dir=str(tmp_path / "hf2")).num_rows
+        == 2
+    )
+    # an empty file as older writers made it (one row group of 0 rows) is skipped too, also inside a glob
+    old_style = tmp_path / "ds" / "data" / "validation-00000-of-00001.parquet"
+    pq.write_table(pq.read_table(old_style), old_style)
+    assert pq.ParquetFile(old_style).metadata.num_row_groups == 1
+    assert (
+        len(
+            PickAPicPairs(tmp_path / "ds", "validation", cache_dir=str(tmp_path / "hf3"), show_progress=False)
+        )
+        == 0
+    )
+    glob = str(tmp_path / "ds" / "data" / "*.parquet")
+    assert len(PickAPicPairs(glob, cache_dir=str(tmp_path / "hf4"), show_progress=False)) == 2
+    with pytest.raises(ValueError, match=r"split 'test' not found \(splits found: train, validation\)"):
+        load_pickapic_split(tmp_path / "ds", "test")
 
 
 def test_validate_table_names_missing_column_and_source():

@@ -394,6 +394,48 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
+def _split_files(directory: Path, split: str) -> list[str] | None:
+    """The Parquet files of ``split`` in a local directory in the Hub layout, or None when ``datasets`` must resolve
+    the files itself (a README declaring ``configs:``, or data that is not Parquet)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    readme = directory / "README.md"
+    if readme.is_file() and "configs:" in readme.read_text(errors="ignore"):
+        return None
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(str(directory)), base_path=str(directory))
+    except FileNotFoundError:  # no data files found: let datasets say so in its own words
+        return None
+    if split not in files:
+        raise ValueError(
+            f"{directory}: split {split!r} not found (splits found: {', '.join(files) or 'none'}). A local "
+            f"directory needs files named data/{split}-00000-of-00001.parquet "
+            "(see diffalign.data.write_pickapic_dataset)."
+        )
+    names = [str(f) for f in files[split]]
+    return names if all(n.endswith(".parquet") for n in names) else None
+
+
+def _no_rows() -> Iterator[dict[str, Any]]:
+    yield from ()
+
+
+def _load_parquet_files(files: Sequence[str], split: str, kwargs: Mapping[str, Any]) -> Any:
+    """``files`` as one split. Files with zero rows are left out (datasets' Parquet reader fails on them: it asks
+    for batches of 0 rows); a split with no rows at all is an empty dataset with the files' schema."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    nonempty = [f for f in files if pq.ParquetFile(f).metadata.num_rows > 0]
+    if nonempty:
+        return datasets.load_dataset("parquet", data_files={split: nonempty}, split=split, **kwargs)
+    schema = pq.read_schema(files[0])
+    if kwargs.get("streaming"):
+        features = datasets.Features.from_arrow_schema(schema)
+        return datasets.IterableDataset.from_generator(_no_rows, features=features)
+    return datasets.Dataset(schema.empty_table())
+
+
 def load_pickapic_split(
     source: Any,
     split: str = "train",
@@ -407,12 +449,14 @@ def load_pickapic_split(
 
     * a ``datasets.Dataset`` / ``IterableDataset`` (returned unchanged; ``split`` is ignored);
     * a local directory in the Hub layout (``<dir>/data/<split>-NNNNN-of-NNNNN*.parquet``, as written by
-      :func:`~diffalign.data.schema.write_pickapic_dataset`, or a local copy of the public files);
+      :func:`~diffalign.data.schema.write_pickapic_dataset`, or a local copy of the public files): only the files
+      of ``split`` are read, so another split (an empty or a broken one) never stands in the way;
     * a ``.parquet`` file or a glob of them (e.g. ``/data/pap/train-*.parquet``): all matching files are ``split``;
     * any other string: a dataset name for ``datasets.load_dataset(name, split=split, streaming=streaming)``.
 
-    Non-streaming sources are converted once to Arrow files in the ``datasets`` cache (``cache_dir``) and
-    memory-mapped: random access without loading images into RAM.
+    A split with zero rows loads as an empty dataset (``datasets`` itself refuses such a split). Non-streaming
+    sources are converted once to Arrow files in the ``datasets`` cache (``cache_dir``) and memory-mapped: random
+    access without loading images into RAM.
     """
     import datasets
 
@@ -421,21 +465,21 @@ def load_pickapic_split(
     text = str(source)
     path = Path(text)
     kwargs = dict(load_kwargs, cache_dir=cache_dir, streaming=streaming)
-    try:
-        if path.is_dir():
-            return datasets.load_dataset(str(path), split=split, **kwargs)
-        if _is_glob(text) or path.suffix == ".parquet":
-            files = sorted(_glob.glob(text)) if _is_glob(text) else [text]
-            if not files or not all(Path(f).is_file() for f in files):
-                raise FileNotFoundError(f"no Parquet file matches {text!r}")
-            return datasets.load_dataset("parquet", data_files={split: files}, split=split, **kwargs)
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise ValueError(
-                f"{text}: split {split!r} not found ({err}). A local directory needs files named "
-                f"data/{split}-00000-of-00001.parquet (see diffalign.data.write_pickapic_dataset)."
-            ) from err
-        raise
+    if path.is_dir():
+        files = _split_files(path, split)
+        if files is None:
+            try:
+                return datasets.load_dataset(str(path), split=split, **kwargs)
+            except ValueError as err:
+                if "split" in str(err).lower():
+                    raise ValueError(f"{text}: split {split!r} not found ({err})") from err
+                raise
+        return _load_parquet_files(files, split, kwargs)
+    if _is_glob(text) or path.suffix == ".parquet":
+        files = sorted(_glob.glob(text)) if _is_glob(text) else [text]
+        if not files or not all(Path(f).is_file() for f in files):
+            raise FileNotFoundError(f"no Parquet file matches {text!r}")
+        return _load_parquet_files(files, split, kwargs)
     return datasets.load_dataset(text, split=split, **kwargs)
 
 
@@ -514,8 +558,6 @@ class PickAPicPairs(Dataset):
         self.max_substitutions = max_substitutions
         self.stats = PairStats(source=self.source)
         self.rows, self.winners = self._index(show_progress)
-        if len(self.rows) == 0:
-            raise ValueError(f"{self.source}: no usable preference pairs.\n{self.stats.report()}")
 
     # -- metadata pass -------------------------------------------------------------------------------------------
     def _index(self, show_progress: bool, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:

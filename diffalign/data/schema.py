@@ -13,7 +13,7 @@ Parquet files were written with; :func:`validate_table` accepts any timestamp un
 reads it.
 
 Local layout written by :func:`write_pickapic_dataset` (verified with ``datasets`` 5.2: ``load_dataset(<dir>)``
-returns the five splits under their own names, ``validation_unique``/``test_unique`` are *not* merged into
+returns the five splits (none of them empty) under their own names, ``validation_unique``/``test_unique`` are *not* merged into
 ``validation``/``test``, because the ``data/<split>-NNNNN-of-NNNNN`` pattern takes the split name verbatim)::
 
     <dir>/data/train-00000-of-00001.parquet
@@ -204,7 +204,12 @@ def write_pickapic_split(
     path = split_path(out_dir, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size)
+    if table.num_rows:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+    else:
+        # No row group at all (write_table would write one of 0 rows, and datasets' Parquet reader then asks
+        # for batches of 0 rows and fails, taking every other split of the directory down with it).
+        pq.ParquetWriter(tmp, table.schema).close()
     tmp.replace(path)
     return path
 
@@ -216,8 +221,10 @@ def write_pickapic_dataset(
 ) -> dict[str, Path]:
     """Write several splits (e.g. all of :data:`PICKAPIC_SPLITS`) in the layout ``datasets.load_dataset`` reads.
 
-    Returns ``{split: path}``. Splits with zero rows are written too (an empty file with the schema), so that
-    the split exists when loaded.
+    Returns ``{split: path}``. Splits with zero rows are written too (a file with the schema and no row group),
+    so that the split exists: :func:`~diffalign.data.pickapic.load_pickapic_split` loads it as an empty dataset,
+    and ``datasets.load_dataset(<dir>, split=<another split>)`` is not disturbed by it (``datasets`` 5.2 itself
+    refuses to build a split with no rows: ``load_dataset(<dir>)`` of all splits fails on it).
     """
     return {
         split: write_pickapic_split(list(rows), out_dir, split, row_group_size)
