@@ -194,6 +194,8 @@ def test_ties_dropped_by_default_and_counted(tmp_path):
     assert len(kept) == 4 and kept.stats.ties_kept == 2 and not kept.stats.skipped
     tie = kept[1]
     assert tie["is_tie"] and tie["pref_prob"] == 0.5 and tie["winner"] == -1
+    batch = collate_pairs([kept[i] for i in range(4)])  # what the loss reads: P(slot 0 preferred)
+    assert batch["label_w"].dtype == torch.float32 and batch["label_w"].tolist() == [1.0, 0.5, 1.0, 0.5]
     # a kept tie stays in source order: image 0 (blue) first
     assert tie["pixel_values"][0, 2].mean() > 0 > tie["pixel_values"][1, 2].mean()
 

@@ -21,7 +21,8 @@ Tensors of a shard with ``n`` pairs and ``m`` unique captions (first image = win
     original_sizes          [n, 2, 2]        (h, w) of each decoded image
     crop_top_lefts          [n, 2, 2]        (top, left) of the centre crop
     crop_top_lefts_flipped  [n, 2, 2]        (top, W - left - R): the crop seen in the flipped image
-    ranking_ids, user_ids, row_indices, positions [n] int64 · pref_probs [n] float32 · is_tie [n] bool
+    ranking_ids, user_ids, row_indices, positions [n] int64 · is_tie [n] bool
+    pref_probs              [n] float32      P(first image preferred): 1.0, 0.5 for a kept tie (batches: label_w)
 
 **Random crop and flip vs caching.** A cache fixes the preprocessing: the crop is always the centre crop. The
 horizontal flip survives: both orientations are stored and :class:`CachedPairs` picks one per example from
@@ -60,7 +61,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .pickapic import PairSkip, PairStats, PairTransform, PickAPicPairs, example_rng
+from .pickapic import PairSkip, PairStats, PairTransform, PickAPicPairs, example_rng, label_w
 from .sampler import split_index
 
 PREPROCESS_VERSION = 1
@@ -473,7 +474,9 @@ class CachedPairs(Dataset):
 def collate_cached(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack cached examples: ``latents`` [B, 2, C, h, w], ``text`` {name: [B, ...]}, ``captions``,
     ``original_sizes``/``crop_top_lefts`` [B, 2, 2], ``ranking_ids``/``user_ids``/``row_indices`` [B] long,
-    ``pref_probs`` [B] float, ``is_tie``/``flipped`` [B] bool, ``skipped`` {} (for :meth:`PairStats.add_batch`)."""
+    ``label_w`` [B] float32 (P(slot 0 preferred): 1.0, 0.5 for a kept tie; as in
+    :func:`~diffalign.data.pickapic.collate_pairs`), ``is_tie``/``flipped`` [B] bool, ``skipped`` {} (for
+    :meth:`PairStats.add_batch`)."""
     return {
         "latents": torch.stack([ex["latents"] for ex in examples]),
         "text": {k: torch.stack([ex["text"][k] for ex in examples]) for k in examples[0]["text"]},
@@ -483,7 +486,7 @@ def collate_cached(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "ranking_ids": torch.tensor([ex["ranking_id"] for ex in examples], dtype=torch.long),
         "user_ids": torch.tensor([ex["user_id"] for ex in examples], dtype=torch.long),
         "row_indices": torch.tensor([ex["row_index"] for ex in examples], dtype=torch.long),
-        "pref_probs": torch.tensor([ex["pref_prob"] for ex in examples], dtype=torch.float32),
+        "label_w": label_w(examples),
         "is_tie": torch.tensor([ex["is_tie"] for ex in examples], dtype=torch.bool),
         "flipped": torch.tensor([ex["flipped"] for ex in examples], dtype=torch.bool),
         "skipped": {},

@@ -24,8 +24,9 @@ Row filtering (first matching reason wins; every skipped row is counted by reaso
 ==================  =========================================================================================
 
 Tie policies (:data:`TIE_POLICIES`): ``"drop"`` (default; counted as ``tie``), ``"keep"``: the tie is yielded in
-source order (image 0 first) with ``pref_prob = 0.5`` and ``is_tie = True``, so a loss can give it its own
-treatment (e.g. zero DPO weight, or a symmetric term); a loss that ignores ``pref_prob`` must not be fed ties.
+source order (image 0 first) with ``pref_prob = 0.5`` and ``is_tie = True``; batches carry it as ``label_w``
+(P(slot 0 preferred): 1.0 for decided pairs, 0.5 for ties), the soft label the DPO loss reads. A loss that
+ignores ``label_w`` must not be fed ties: it would train them as "image 0 wins".
 A "random winner" policy is deliberately not offered: it is label noise.
 
 Image modes: ``RGB`` is used as is; ``L``, ``1``, ``CMYK`` (PIL undoes Adobe inversion) and ``YCbCr`` are converted
@@ -360,11 +361,21 @@ def build_example(
     }
 
 
+def label_w(examples: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    """``[B]`` float32: P(image in slot 0 preferred) of each example (its ``pref_prob``: 1.0, or 0.5 for a tie)."""
+    return torch.tensor([ex["pref_prob"] for ex in examples], dtype=torch.float32)
+
+
 def collate_pairs(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack examples: ``pixel_values`` [B, 2, 3, H, W] (winner, loser), ``captions`` list[str],
+    """Stack examples: ``pixel_values`` [B, 2, 3, H, W] (slot 0 = winner, slot 1 = loser), ``captions`` list[str],
     ``original_sizes``/``crop_top_lefts`` [B, 2, 2] long, ``ranking_ids``/``user_ids``/``winners`` [B] long,
-    ``label_0``/``label_1``/``pref_probs`` [B] float, ``is_tie``/``flipped`` [B] bool, ``row_indices`` [B] long
-    (source rows; -1 if unknown) and ``skipped`` (reason -> count summed over the batch)."""
+    ``label_0``/``label_1`` [B] float64 (source labels), ``label_w`` [B] float32, ``is_tie``/``flipped`` [B] bool,
+    ``row_indices`` [B] long (source rows; -1 if unknown) and ``skipped`` (reason -> count summed over the batch).
+
+    ``label_w`` is the probability that the image in slot 0 is preferred: 1.0 for a decided pair (winner first),
+    0.5 for a tie kept with ``tie_policy="keep"``. A loss must read it (a soft label) instead of assuming that
+    slot 0 always won.
+    """
     skipped: Counter = Counter()
     for ex in examples:
         skipped.update(ex.get("skipped", {}))
@@ -378,7 +389,7 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "winners": torch.tensor([ex["winner"] for ex in examples], dtype=torch.long),
         "label_0": torch.tensor([ex["label_0"] for ex in examples], dtype=torch.float64),
         "label_1": torch.tensor([ex["label_1"] for ex in examples], dtype=torch.float64),
-        "pref_probs": torch.tensor([ex["pref_prob"] for ex in examples], dtype=torch.float32),
+        "label_w": label_w(examples),
         "is_tie": torch.tensor([ex["is_tie"] for ex in examples], dtype=torch.bool),
         "flipped": torch.tensor([ex["flipped"] for ex in examples], dtype=torch.bool),
         "row_indices": torch.tensor([ex.get("row_index", -1) for ex in examples], dtype=torch.long),
