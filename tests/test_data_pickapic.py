@@ -291,18 +291,21 @@ def bad_rows():
     ]
 
 
+BAD_ROW_SKIPS = {
+    "corrupt_image": 2,
+    "unsupported_mode": 1,
+    "empty_caption": 1,
+    "missing_label": 2,
+    "no_label": 1,
+    "both_zero": 1,
+    "missing_image": 1,
+}
+
+
 def test_bad_rows_counted_per_reason_with_verify(tmp_path):
     ds = pairs(tmp_path, bad_rows(), verify_images=True)
     assert ds.rows.tolist() == [0, 2, 3, 4, 5]
-    assert dict(ds.stats.skipped) == {
-        "corrupt_image": 2,
-        "unsupported_mode": 1,
-        "empty_caption": 1,
-        "missing_label": 2,
-        "no_label": 1,
-        "both_zero": 1,
-        "missing_image": 1,
-    }
+    assert dict(ds.stats.skipped) == BAD_ROW_SKIPS
     rgba_first = ds[3]["pixel_values"][0]  # row 4: label_1 == 1, the transparent image is the winner
     assert torch.equal(rgba_first, torch.ones_like(rgba_first))
     assert ds[2]["pixel_values"].shape == (2, 3, 16, 16)  # grayscale became 3 channels
@@ -365,18 +368,43 @@ def test_sampler_is_deterministic_and_resumes_exactly(tmp_path):
 def test_stream_filters_counts_and_resumes():
     rows = bad_rows()
     stream = PickAPicPairStream(rows, resolution=16, random_flip=False)
-    with pytest.warns(UserWarning, match="8 rows skipped after the last example"):
-        examples = list(stream)
+    examples = list(stream)
     assert [ex["source_row"] for ex in examples] == [0, 2, 3, 4, 5]
     stats = PairStats()
     stats.add_batch(collate_pairs(examples))
-    assert stats.used == 5 and stats.skipped["corrupt_image"] == 1  # row 1; rows 6.. trail the last example
-    with pytest.warns(UserWarning, match="rows skipped after the last example"):
-        resumed = list(PickAPicPairStream(rows, resolution=16, random_flip=False, skip_rows=3))
+    # every skipped row is counted, those after the last example too (they ride on it)
+    assert stats.used == 5 and dict(stats.skipped) == BAD_ROW_SKIPS
+    resumed = list(PickAPicPairStream(rows, resolution=16, random_flip=False, skip_rows=3))
     assert [ex["source_row"] for ex in resumed] == [3, 4, 5]
     assert torch.equal(resumed[0]["pixel_values"], examples[2]["pixel_values"])
     with pytest.raises(SchemaError, match="'jpg_1'"):
         list(PickAPicPairStream([{k: v for k, v in make_row(0).items() if k != "jpg_1"}]))
+    with pytest.warns(UserWarning, match=r"2 rows skipped \(\{'tie': 2\}\) and no usable pair"):
+        assert list(PickAPicPairStream([make_row(i, label_0=0.5, label_1=0.5) for i in range(2)])) == []
+
+
+def test_stream_of_a_local_parquet_directory(tmp_path):
+    rows = [make_row(i, jpg_0=noise_png(i), jpg_1=noise_png(50 + i)) for i in range(6)]
+    rows[2] = make_row(2, label_0=0.5, label_1=0.5, jpg_0=noise_png(2), jpg_1=noise_png(52))
+    rows[4] = make_row(4, caption="")
+    write_pickapic_dataset({"train": rows, "validation": []}, tmp_path / "ds")
+    stream = PickAPicPairStream(tmp_path / "ds", "train", resolution=24, tie_policy="keep")
+    batches = list(DataLoader(stream, batch_size=2, collate_fn=collate_pairs))
+    assert [b["row_indices"].tolist() for b in batches] == [[0, 1], [2, 3], [5]]
+    assert [b["label_w"].tolist() for b in batches] == [[1.0, 1.0], [0.5, 1.0], [1.0]]
+    stats = PairStats()
+    for b in batches:
+        stats.add_batch(b)
+    assert stats.used == 5 and dict(stats.skipped) == {"empty_caption": 1}
+    # the epoch keys the augmentation (random crop and flip), the same (seed, epoch, row) gives the same pixels
+    stream.set_epoch(1)
+    again = next(iter(stream))["pixel_values"]
+    assert not torch.equal(again, batches[0]["pixel_values"][0])
+    assert torch.equal(again, next(iter(stream))["pixel_values"])
+    stream.limit(3)  # the first 3 rows that pass the label/caption checks
+    assert [ex["source_row"] for ex in stream] == [0, 1, 2]
+    empty = PickAPicPairStream(tmp_path / "ds", "validation", resolution=24)
+    assert list(empty) == [] and empty.first_examples(1).rows_seen == 0
 
 
 def test_parquet_glob_source(tmp_path):

@@ -410,10 +410,11 @@ class CachedPairs(Dataset):
         self.max_open_shards = 32
         index = self.manifest.get("index_stats", {})
         self.stats = PairStats(
-            source=f"latent cache {self.directory}",
+            source=f"{index.get('source', '?')} via latent cache {self.directory}",
             rows_seen=index.get("rows_seen", 0),
             pairs_indexed=self.manifest["num_pairs"],
             ties_kept=index.get("ties_kept", 0),
+            limited=index.get("limited", 0),
             skipped=Counter(index.get("skipped", {})) + Counter(self.manifest["skipped_while_encoding"]),
         )
 

@@ -100,7 +100,8 @@ class PairSkip(Exception):
 class PairStats:
     """Counts of rows read, pairs indexed, examples used and rows skipped (by reason).
 
-    ``rows_seen``: source rows looked at by the metadata pass. ``pairs_indexed``: rows that passed it.
+    ``rows_seen``: source rows looked at by the metadata pass. ``pairs_indexed``: rows that passed it (and were
+    not left out by a limit). ``limited``: pairs that passed but were left out by a limit (``max_train_samples``).
     ``used``: examples delivered to the training loop (added by :meth:`add_batch`). ``ties_kept``: ties indexed
     under ``tie_policy="keep"``. ``skipped``: reason -> count, from the metadata pass and from batches.
     """
@@ -110,6 +111,7 @@ class PairStats:
     pairs_indexed: int = 0
     ties_kept: int = 0
     used: int = 0
+    limited: int = 0
     skipped: Counter = field(default_factory=Counter)
 
     def skip(self, reason: str, n: int = 1) -> None:
@@ -131,6 +133,7 @@ class PairStats:
             pairs_indexed=self.pairs_indexed + other.pairs_indexed,
             ties_kept=self.ties_kept + other.ties_kept,
             used=self.used + other.used,
+            limited=self.limited + other.limited,
             skipped=self.skipped + other.skipped,
         )
 
@@ -141,22 +144,24 @@ class PairStats:
             "pairs_indexed": self.pairs_indexed,
             "ties_kept": self.ties_kept,
             "used": self.used,
+            "limited": self.limited,
             "skipped": {r: int(self.skipped[r]) for r in SKIP_REASONS if self.skipped[r]},
         }
 
+    def skipped_summary(self) -> str:
+        """``"skipped 13 rows: tie 12, corrupt_image 1"`` (reasons in table order) or ``"skipped 0 rows"``."""
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{r} {self.skipped[r]:,}" for r in SKIP_REASONS if self.skipped[r])
+        return f"skipped {total:,} rows" + (f": {reasons}" if total else "")
+
     def report(self) -> str:
         """Human-readable summary for the end of a run."""
-        total_skipped = sum(self.skipped.values())
         lines = [
             f"preference data {self.source}: {self.rows_seen:,} rows read, {self.pairs_indexed:,} pairs indexed"
             + (f" ({self.ties_kept:,} ties kept)" if self.ties_kept else "")
+            + (f", {self.limited:,} more left out by the limit" if self.limited else "")
             + f", {self.used:,} examples used",
-            f"  skipped {total_skipped:,} rows"
-            + (
-                ": " + ", ".join(f"{r} {self.skipped[r]:,}" for r in SKIP_REASONS if self.skipped[r])
-                if total_skipped
-                else ""
-            ),
+            f"  {self.skipped_summary()}",
         ]
         return "\n".join(lines)
 
@@ -662,9 +667,11 @@ class PickAPicPairs(Dataset):
 
     def limit(self, n: int) -> None:
         """Keep only the first ``n`` pairs (small runs, debugging). ``stats.pairs_indexed`` and
-        :meth:`fingerprint` (hence cache keys) follow; the dropped pairs are not counted as skipped."""
+        :meth:`fingerprint` (hence cache keys) follow; the pairs left out are counted in ``stats.limited`` (not
+        as skipped)."""
         if n <= 0:
             raise ValueError(f"limit must be positive, got {n}")
+        self.stats.limited += max(len(self.rows) - n, 0)
         self.rows, self.winners = self.rows[:n], self.winners[:n]
         self.stats.pairs_indexed = len(self.rows)
         self.stats.ties_kept = int((self.winners == -1).sum())
@@ -691,13 +698,17 @@ class PickAPicPairs(Dataset):
 class PickAPicPairStream(IterableDataset):
     """Preference pairs from a stream of rows (``load_dataset(..., streaming=True)`` or any iterable of dicts).
 
-    Filtering happens on the fly: every skipped row's reason is attached to the next yielded example's
-    ``skipped`` dict (skips after the last yielded example of a worker are lost; use the map-style dataset for
-    exact counts). Each example carries ``source_row`` (its row number in the stream) for resumption: restart
-    with ``skip_rows = last source_row + 1`` (the stream is re-read from the start and rows before it are passed
-    over without decoding images; for a ``datasets.IterableDataset`` ``.skip`` is used). Augmentation is seeded
-    by ``(seed, 0, source_row)``. With DataLoader workers, worker ``w`` of ``K`` takes rows with
-    ``source_row % K == w`` (every worker reads the stream; only its own rows are decoded).
+    Filtering happens on the fly, with the same checks and skip reasons as :class:`PickAPicPairs`. Every skipped
+    row's reason travels in the ``skipped`` dict of the next example the same worker yields (skips after a
+    worker's last example ride on that last example, which is held back until the worker's rows end), so
+    :meth:`PairStats.add_batch` counts every one; only a worker that yields no example at all has nowhere to put
+    its skips and warns instead.
+
+    Each example carries ``source_row`` (its row number in the stream) for resumption: restart with ``skip_rows =
+    last source_row + 1`` (the stream is re-read from the start and rows before it are passed over without
+    decoding images; for a ``datasets.IterableDataset`` ``.skip`` is used). Augmentation is seeded by ``(seed,
+    epoch, source_row)`` (:meth:`set_epoch`; accelerate's loaders call it). With DataLoader workers, worker ``w``
+    of ``K`` takes rows with ``source_row % K == w`` (every worker reads the stream; only its own rows are decoded).
     """
 
     def __init__(
@@ -728,6 +739,33 @@ class PickAPicPairStream(IterableDataset):
         self.tie_policy = tie_policy
         self.seed = seed
         self.skip_rows = skip_rows
+        self.epoch = 0
+        self.max_pairs: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Key the augmentation of the next passes by ``epoch``."""
+        self.epoch = int(epoch)
+
+    def limit(self, n: int) -> None:
+        """End each pass after the first ``n`` rows (from ``skip_rows`` on) that pass the metadata checks, as
+        :meth:`PickAPicPairs.limit` keeps the first ``n`` indexed pairs (one whose images then fail is skipped
+        and counted, not replaced)."""
+        if n <= 0:
+            raise ValueError(f"limit must be positive, got {n}")
+        self.max_pairs = n
+
+    def first_examples(self, n: int) -> PairStats:
+        """Read the stream (in this process) until ``n`` examples were produced or it ended: a cheap start-up
+        check. Returns the counts seen on the way (``pairs_indexed`` = examples produced, at most ``n``)."""
+        stats = PairStats(source=self.source)
+        for example in self._examples(unattached=stats.skipped):
+            stats.pairs_indexed += 1
+            stats.ties_kept += example["is_tie"]
+            stats.skipped.update(example["skipped"])
+            if stats.pairs_indexed >= n:
+                break
+        stats.rows_seen = stats.pairs_indexed + sum(stats.skipped.values())
+        return stats
 
     def _rows(self) -> Iterator[Mapping[str, Any]]:
         src = self.rows_source
@@ -738,22 +776,30 @@ class PickAPicPairStream(IterableDataset):
             if i >= self.skip_rows:
                 yield row
 
+    def _check_columns(self, row: Mapping[str, Any]) -> None:
+        missing = [c for c in PAIR_REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise SchemaError(
+                f"{self.source}: missing column {missing[0]!r} in the streamed rows (found: "
+                f"{', '.join(row)}). Pick-a-Pic v2 rows need {', '.join(PAIR_REQUIRED_COLUMNS)}."
+            )
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._examples()
+
+    def _examples(self, unattached: Counter | None = None) -> Iterator[dict[str, Any]]:
+        """The examples of this worker. Skips that no example can carry (the worker yields none) go to
+        ``unattached`` when given, else into a warning."""
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        pending: Counter = Counter()
-        checked = False
+        pending: Counter = Counter()  # skips not yet attached to an example
+        held: dict[str, Any] | None = None  # the last example, yielded once the next one exists
+        passed = 0  # rows of all workers that passed the metadata checks (what the limit counts)
         for r, row in enumerate(self._rows(), start=self.skip_rows):
-            if r % nworkers != wid:
-                continue
-            if not checked:
-                missing = [c for c in PAIR_REQUIRED_COLUMNS if c not in row]
-                if missing:
-                    raise SchemaError(
-                        f"{self.source}: missing column {missing[0]!r} in the streamed rows (found: "
-                        f"{', '.join(row)}). Pick-a-Pic v2 rows need {', '.join(PAIR_REQUIRED_COLUMNS)}."
-                    )
-                checked = True
+            if r == self.skip_rows:
+                self._check_columns(row)
+            if self.max_pairs is not None and passed >= self.max_pairs:
+                break
             reason, winner = classify_row(
                 row.get("caption"),
                 row.get("label_0"),
@@ -761,22 +807,33 @@ class PickAPicPairStream(IterableDataset):
                 row.get("has_label", True),
                 self.tie_policy,
             )
+            passed += reason is None
+            if r % nworkers != wid:
+                continue
             if reason is None:
                 try:
-                    example = build_example(row, winner, self.transform, example_rng(self.seed, 0, r))
+                    rng = example_rng(self.seed, self.epoch, r)
+                    example = build_example(row, winner, self.transform, rng)
                 except PairSkip as skip:
                     reason = skip.reason
             if reason is not None:
                 pending[reason] += 1
                 continue
+            if held is not None:
+                yield held
             example["source_row"] = r
             example["row_index"] = r
             example["skipped"] = dict(pending)
             pending.clear()
-            yield example
-        if pending:
+            held = example
+        if held is not None:
+            held["skipped"] = dict(Counter(held["skipped"]) + pending)
+            yield held
+        elif unattached is not None:
+            unattached.update(pending)
+        elif pending:
             warnings.warn(
-                f"{self.source}: {sum(pending.values())} rows skipped after the last example ({dict(pending)}); "
-                "they are not in any batch's 'skipped' counts",
+                f"{self.source}: {sum(pending.values())} rows skipped ({dict(pending)}) and no usable pair in "
+                f"{'this worker' if nworkers > 1 else 'the stream'}; they are not in any batch's 'skipped' counts",
                 stacklevel=2,
             )
