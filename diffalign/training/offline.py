@@ -96,6 +96,11 @@ class OfflinePairsTrainer:
                 ck.verify_checkpoint(path)
                 acc.load_state(str(path))
                 st = ck.load_train_state(path)
+                bad = next(
+                    (n for n, p in self.run.unet.named_parameters() if not torch.isfinite(p).all()), None
+                )
+                if bad is not None:  # e.g. a checkpoint written before file digests existed, damaged since
+                    raise TrainingError(f"checkpoint {path}: weight {bad} holds NaN/inf values")
             except Exception as err:  # noqa: BLE001 - any failure to load means: this checkpoint is unusable
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if cfg.resume_from_checkpoint != "latest":

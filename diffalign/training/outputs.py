@@ -80,7 +80,7 @@ def validate(run: Run, step: int) -> Path | None:
         acc.wait_for_everyone()
         return None
     from ..eval.compare import expand_prompts, generate
-    from ..eval.report import image_grid
+    from ..eval.report import labelled_grid
 
     run.unet.eval()
     pipe = inference_pipeline(run)
@@ -91,12 +91,7 @@ def validate(run: Run, step: int) -> Path | None:
     cur = generate(pipe, rows_p, rows_s, desc="validation", **kw)
     images = np.concatenate([base, cur])
     columns = [f"{p} (seed {s})" for p, s in zip(rows_p, rows_s)]
-    try:
-        from ..eval.report import labelled_grid
-
-        grid = labelled_grid(images, ["base", f"step {step}"], columns, ncols=len(rows_p), scale=4)
-    except ImportError:  # pragma: no cover - older report module
-        grid = image_grid(images, ncols=len(rows_p), scale=4)
+    grid = labelled_grid(images, ["base", f"step {step}"], columns, ncols=len(rows_p), scale=4)
     out = run.output_dir / "validation"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step-{step:06d}.png"

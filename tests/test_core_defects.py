@@ -1,0 +1,301 @@
+"""The defects hostile use found in the Diffusion-DPO core (issue 9), each pinned by a test that failed before.
+
+Tiny SD1.x/SDXL-shaped pipelines built in the test (seconds per run), the real command line where the defect was
+in it, the trainer in-process where a fault has to be injected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import build_tiny_sd, build_tiny_sdxl, write_tiny_pairs
+
+from diffalign.config import TrainConfig, parse_config
+from diffalign.errors import ConfigError, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_diffusion_dpo.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "sd": build_tiny_sd(root / "sd"),
+        "sdxl": build_tiny_sdxl(root / "sdxl"),
+        "data": write_tiny_pairs(root / "data", n=16, size=16),
+    }
+
+
+def _args(model, data, out, *extra):
+    return [
+        "--pretrained_model", str(model), "--dataset", str(data), "--resolution", "16", "--output_dir", str(out),
+        "--train_batch_size", "4", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "none", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
+        "--logging_steps", "1", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--use_cache", "false", *extra,
+    ]  # fmt: skip
+
+
+def _cli(args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"STDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["train/loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _trainer(model, data, out, **overrides):
+    from diffalign.training.offline import OfflinePairsTrainer
+
+    cfg = parse_config(
+        TrainConfig, _args(model, data, out, *[x for k, v in overrides.items() for x in (f"--{k}", str(v))])
+    )
+    trainer = OfflinePairsTrainer(cfg)
+    trainer.setup()
+    return trainer
+
+
+# ---- mixed precision -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_full_finetuning_dpo_under_bf16_mixed_precision(tiny, tmp_path, model):
+    # Before: the frozen float32 reference copy got bf16 inputs without autocast -> "mat1 and mat2 must have the
+    # same dtype"; SDXL's text_embeds/time_ids reached the UNet uncast.
+    out = tmp_path / "run"
+    _ok(_cli(_args(tiny[model], tiny["data"], out, "--finetune", "full", "--mixed_precision", "bf16",
+                   "--max_train_steps", "2", "--checkpointing_steps", "0")))  # fmt: skip
+    losses = _losses(out)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# ---- ties as soft labels ---------------------------------------------------------------------------------------------
+
+
+def test_a_kept_tie_pulls_the_margin_to_zero_not_towards_image_0():
+    from diffalign.objectives.dpo import diffusion_dpo_loss
+
+    # model errors chosen so that inside = -0.5 * beta * delta = ln 3 (beta 2, delta = -ln 3)
+    mw = torch.tensor([0.0, 0.0], requires_grad=True)
+    zero = torch.zeros(2)
+    ml = torch.tensor([math.log(3.0), math.log(3.0)])
+    loss, m = diffusion_dpo_loss(mw, ml, zero, zero, beta=2.0, label_w=torch.tensor([1.0, 0.5]))
+    assert m["reward_margin"].tolist() == pytest.approx([math.log(3.0)] * 2)
+    # decided pair: -log sigma(ln 3) = -log 0.75; tie: -0.5 log 0.75 - 0.5 log 0.25
+    assert loss[0].item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    assert loss[1].item() == pytest.approx(-0.5 * math.log(0.75) - 0.5 * math.log(0.25), abs=1e-6)
+    loss.sum().backward()
+    # d loss / d inside = -(p - sigma(inside)): -0.25 for the decided pair, +0.25 for the tie (pushes inside to 0);
+    # d inside / d mw = -0.5 * beta = -1
+    assert mw.grad.tolist() == pytest.approx([0.25, -0.25], abs=1e-6)
+    # at a zero margin a tie has zero gradient: the minimum is there
+    z = torch.zeros(1, requires_grad=True)
+    diffusion_dpo_loss(
+        z, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=2.0, label_w=torch.tensor([0.5])
+    )[0].sum().backward()
+    assert z.grad.item() == 0.0
+    # hinge and ipo: the tie's target is a zero margin too
+    hinge, _ = diffusion_dpo_loss(
+        mw, ml, zero, zero, beta=2.0, loss_type="hinge", label_w=torch.tensor([1.0, 0.5])
+    )
+    assert hinge.tolist() == pytest.approx(
+        [0.0, 0.5 * 0.0 + 0.5 * (1 + math.log(3.0))]  # relu(1 - ln 3) = 0
+    )
+    ipo, _ = diffusion_dpo_loss(
+        mw, ml, zero, zero, beta=2.0, loss_type="ipo", label_w=torch.tensor([1.0, 0.5])
+    )
+    z_margin = math.log(3.0) / 2.0  # inside / beta
+    assert ipo.tolist() == pytest.approx([(z_margin - 0.25) ** 2, z_margin**2], abs=1e-6)
+
+
+def test_label_smoothing_with_a_soft_label_mixes_both():
+    from diffalign.objectives.dpo import diffusion_dpo_loss
+
+    zero = torch.zeros(1)
+    loss, _ = diffusion_dpo_loss(zero, torch.tensor([2.0]), zero, zero, beta=1.0, label_smoothing=0.1,
+                                 label_w=torch.tensor([1.0]))  # fmt: skip
+    plain, _ = diffusion_dpo_loss(zero, torch.tensor([2.0]), zero, zero, beta=1.0, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(plain.item(), abs=1e-7)  # p = 1 is the usual robust-DPO loss
+    with pytest.raises(ValueError, match="label_w"):
+        diffusion_dpo_loss(zero, zero, zero, zero, beta=1.0, label_w=torch.tensor([1.5]))
+
+
+# ---- the base of a full fine-tuning without a reference ---------------------------------------------------------------
+
+
+def test_full_finetuning_sft_compares_against_the_starting_weights(tiny, tmp_path):
+    # Before: without a reference the "base" pipeline ran the trained UNet itself (SFT evaluated against itself).
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.training import outputs
+
+    trainer = _trainer(tiny["sd"], tiny["data"], tmp_path / "run", finetune="full", objective="sft", max_train_steps=2,
+                       checkpointing_steps=0)  # fmt: skip
+    trainer.train()
+    start = UNet2DConditionModel.from_pretrained(tiny["sd"], subfolder="unet")
+    pipe = trainer.pipeline()
+    with outputs.base_context(trainer.run, pipe):
+        base = pipe.unet
+        assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), start.state_dict().values()))
+    moved = max((a - b).abs().max().item() for a, b in zip(pipe.unet.parameters(), start.parameters()))
+    assert moved > 0  # outside the context: the trained weights
+    trainer.end()
+
+
+# ---- non-finite losses and weights -------------------------------------------------------------------------------------
+
+
+def _poison_second_step(trainer):
+    calls = {"n": 0}
+    step = trainer.step_fn
+
+    def poisoned(batch, epoch):
+        loss, metrics = step(batch, epoch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    trainer.step_fn = poisoned
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_step(tiny, tmp_path):
+    trainer = _trainer(tiny["sd"], tiny["data"], tmp_path / "run")
+    _poison_second_step(trainer)
+    with pytest.raises(TrainingError, match="non-finite loss at step 2"):
+        trainer.train()
+    trainer.end()
+
+
+def test_nonfinite_loss_skip_drops_the_update_and_counts_it(tiny, tmp_path):
+    trainer = _trainer(tiny["sd"], tiny["data"], tmp_path / "run", nonfinite_loss="skip")
+    _poison_second_step(trainer)
+    summary = trainer.train()
+    assert summary["skipped_nonfinite"] == 1 and summary["steps"] == 4
+    assert all(torch.isfinite(p).all() for p in trainer.unet.parameters())
+    assert summary["history"][-1]["train/skipped_nonfinite"] == 1
+    trainer.end()
+
+
+def test_nonfinite_weights_are_never_exported(tiny, tmp_path):
+    trainer = _trainer(tiny["sd"], tiny["data"], tmp_path / "run", max_train_steps=1, checkpointing_steps=0)
+    trainer.train()
+    with torch.no_grad():
+        next(p for n, p in trainer.unet.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"lora_B.*NaN/inf.*nothing was exported"):
+        trainer.export({})
+    assert not (tmp_path / "run" / "lora").exists()
+    trainer.end()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def _scramble(path: Path) -> None:
+    """Overwrite a safetensors file's tensor bytes with NaNs; the header still parses."""
+    state = load_file(path)
+    save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, str(path))
+
+
+def test_corrupt_checkpoints_are_named_and_latest_falls_back(tiny, tmp_path):
+    out = tmp_path / "run"
+    _ok(_cli(_args(tiny["sd"], tiny["data"], out)))  # checkpoints 2 and 4
+    _scramble(out / "checkpoint-4" / "pytorch_lora_weights.safetensors")
+    explicit = _cli(_args(tiny["sd"], tiny["data"], out, "--max_train_steps", "6", "--resume_from_checkpoint",
+                          str(out / "checkpoint-4")))  # fmt: skip
+    assert explicit.returncode == 1 and "Traceback" not in explicit.stderr
+    assert "checkpoint-4/pytorch_lora_weights.safetensors is corrupt" in explicit.stderr
+    latest = _ok(_cli(_args(tiny["sd"], tiny["data"], out, "--max_train_steps", "6", "--resume_from_checkpoint",
+                            "latest")))  # fmt: skip
+    assert "skipping checkpoint" in latest.stdout and "checkpoint-4" in latest.stdout
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in latest.stdout
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in lora.values())
+
+
+def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
+    proc = _ok(_cli(_args(tiny["sd"], tiny["data"], tmp_path / "run", "--max_train_steps", "1",
+                          "--checkpointing_steps", "0", "--resume_from_checkpoint", "latest")))  # fmt: skip
+    assert "no checkpoint in" in proc.stdout and "starting fresh" in proc.stdout
+
+
+# ---- configuration mistakes: one line, before anything loads ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--checkpointing_steps", "-1"], "checkpointing_steps must be >= 0"),
+        (["--betta", "3"], "'betta' is not a field (did you mean 'beta'?)"),
+        (["--lr_scheduler", "cosin"], "lr_scheduler='cosin' is not valid"),
+        (
+            ["--loss_type", "hinge", "--label_smoothing", "0.1"],
+            "label_smoothing=0.1 works only with loss_type sigmoid",
+        ),
+        (["--objective", "ppo"], "objective='ppo' is not a known objective; choose one of ['dpo', 'sft']"),
+        (
+            ["--pretrained_model", "./no/such/model"],
+            "pretrained_model='./no/such/model': no such local directory",
+        ),
+        (["--output_dir", "README.md"], "output_dir='README.md' is a file"),
+        (["--max_train_steps", "many"], "--max_train_steps expects int, got 'many'"),
+    ],
+)
+def test_config_mistakes_are_one_line_before_loading(extra, expected):
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), *extra], env=ENV, capture_output=True,
+                          text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("import time:")]
+    assert len(lines) == 1 and lines[0].startswith("configuration error:") and expected in lines[0], (
+        proc.stderr
+    )
+    imported = {x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")}
+    assert "torch" not in imported and "diffusers" not in imported  # nothing heavy was loaded
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("beta: [1\nlearning_rate: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line 2, column \d+: not valid YAML"):
+        parse_config(TrainConfig, ["--config", str(y)])
+
+
+def test_help_does_not_import_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), "--help"], env=ENV, capture_output=True,
+                          text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0 and "--beta" in proc.stdout and "--objective" in proc.stdout
+    imported = {x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")}
+    assert "torch" not in imported
+
+
+def test_debug_flag_shows_the_traceback():
+    proc = _cli(["--objective", "ppo", "--debug"], timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_scheduler_names_match_diffusers():
+    from diffusers.optimization import SchedulerType
+
+    from diffalign.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
