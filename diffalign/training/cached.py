@@ -8,7 +8,7 @@ import torch
 
 from ..data.cache import build_latent_cache, collate_cached, model_fingerprint
 from ..models import pipeline as mp
-from .data import TrainData, epoch_loader
+from .data import TrainData, epoch_loader, require_pairs
 
 
 def encoder_id(comps: mp.Components) -> str:
@@ -53,12 +53,20 @@ def build_cached_data(cfg, comps: mp.Components, accelerator, pairs, info: dict)
             cache_root=root,
             model_id=encoder_id(comps),
             batch_size=cfg.cache_batch_size,
+            storage_dtype=getattr(torch, cfg.cache_dtype),  # part of the cache key: switching dtype rebuilds
             num_workers=cfg.dataloader_num_workers,
             random_flip=cfg.random_flip,
             seed=cfg.seed,
             show_progress=accelerator.is_local_main_process,
             log=accelerator.print,
         )
+    require_pairs(cfg, len(cached), cached.stats)  # images that failed to decode while encoding are gone too
     loader, sampler = epoch_loader(cached, cfg, _collate_with_index)
-    info = {**info, "cache": str(cached.directory), "cache_reused": bool(cached.reused)}
-    return TrainData(loader, sampler, len(cached), True, pairs, info)
+    info = {
+        **info,
+        "cache": str(cached.directory),
+        "cache_reused": bool(cached.reused),
+        "cache_dtype": cfg.cache_dtype,
+    }
+    # The cache's stats: the dataset's filtering plus the rows whose images failed while the cache was encoded.
+    return TrainData(loader, sampler, len(cached), True, cached, info)

@@ -1,8 +1,8 @@
-"""The training loop's data: Pick-a-Pic-schema pairs, cached (latents + text embeddings) or encoded on the fly.
+"""The training loop's data: Pick-a-Pic-schema pairs, cached (latents + text embeddings), on the fly, or streamed.
 
-Both paths yield batches with ``index`` [B] (the pair's identity, which keys its timestep/noise draws), and either
-``latents`` [B, 2, C, h, w] + ``text`` {name: [B, ...]} (cached) or ``pixel_values`` [B, 2, 3, H, W] + ``captions``.
-"""
+All paths yield ``index`` [B] (keys the pair's timestep/noise draws), ``label_w`` [B] float32 (P(slot 0 preferred):
+1.0, winner first; 0.5 for a kept tie: the loss's soft label), and ``latents`` [B, 2, C, h, w] + ``text`` {name:
+[B, ...]} (cached) or ``pixel_values`` [B, 2, 3, H, W] + ``captions``. Streaming: :func:`build_streaming_data`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.pickapic import PickAPicPairs, collate_pairs
+from ..data.pickapic import PairStats, PickAPicPairs, PickAPicPairStream, collate_pairs
 from ..data.sampler import EpochShuffleSampler
 from ..data.sources import resolve_dataset
 from ..models import pipeline as mp
@@ -20,6 +20,10 @@ from ..models import pipeline as mp
 
 @dataclass
 class TrainData:
+    """The loader and what it reads. ``num_pairs``: usable pairs, 0 when not known before a pass (streaming).
+    ``pairs``: the dataset whose ``stats`` are reported (the latent cache's when cached: they include the rows
+    whose images failed while it was encoded)."""
+
     dataloader: DataLoader
     sampler: EpochShuffleSampler | None
     num_pairs: int
@@ -32,6 +36,8 @@ class TrainData:
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+        elif hasattr(self.pairs, "set_epoch"):  # a stream: the epoch keys its augmentation
+            self.pairs.set_epoch(epoch)
 
     def describe(self) -> dict:
         out = dict(self.info)
@@ -58,13 +64,14 @@ class TrainData:
         summary = {"examples_used": used, "skipped_during_training": skipped}
         if hasattr(self.pairs, "stats"):
             accelerator.print(self.pairs.stats.report().replace(", 0 examples used", ""))
+        how = (
+            "streamed rows, by reason"
+            if self.sampler is None
+            else "bad images, replaced by the next good row"
+        )
         accelerator.print(
             f"training consumed {used:,} examples"
-            + (
-                f"; rows skipped on the way (bad images, replaced by the next good row): {skipped}"
-                if skipped
-                else ""
-            )
+            + (f"; rows skipped on the way ({how}): {skipped}" if skipped else "")
         )
         self.info.update(summary)
         return summary
@@ -76,30 +83,84 @@ def _collate_with_index(examples):
     return batch
 
 
+def require_pairs(cfg, num_pairs: int, stats: PairStats, minimum: int | None = None) -> None:
+    """Fail before training, in one line, when ``num_pairs`` usable pairs cannot fill a batch (``minimum``, by
+    default ``cfg.train_batch_size``): the loop would otherwise run empty epochs for ever. Raises
+    :class:`~diffalign.errors.ConfigError` naming the dataset, the split and what was skipped, by reason."""
+    from ..errors import ConfigError
+
+    minimum = cfg.train_batch_size if minimum is None else minimum
+    if num_pairs >= minimum:
+        return
+    have = (
+        "0 usable pairs"
+        if num_pairs == 0
+        else f"only {num_pairs} usable pairs, fewer than train_batch_size={cfg.train_batch_size}"
+    )
+    hint = "; tie_policy drop drops ties, tie_policy keep trains on them" if stats.skipped["tie"] else ""
+    raise ConfigError(
+        f"dataset {cfg.dataset!r} split {cfg.split!r} has {have} ({stats.rows_seen:,} rows read, "
+        f"{stats.skipped_summary()}{hint}): nothing to train on; choose another split, fix the data or lower "
+        "train_batch_size"
+    )
+
+
 def build_train_data(cfg, comps: mp.Components, accelerator) -> TrainData:
-    """Pairs for ``cfg.dataset``/``cfg.split``, through the latent cache when ``cfg.use_cache``."""
+    """Pairs for ``cfg.dataset``/``cfg.split``: streamed (``cfg.streaming``), through the latent cache
+    (``cfg.use_cache``), or encoded on the fly."""
     source = resolve_dataset(cfg.dataset)
+    augmentation = dict(
+        resolution=cfg.resolution,
+        crop="random" if cfg.random_crop else "center",
+        random_flip=cfg.random_flip,
+        tie_policy=cfg.tie_policy,
+        seed=cfg.seed,
+    )
+    info = {"dataset": cfg.dataset, "split": cfg.split, "tie_policy": cfg.tie_policy}
+    if cfg.streaming:
+        return build_streaming_data(cfg, PickAPicPairStream(source, cfg.split, **augmentation), info)
     with accelerator.main_process_first():
         pairs = PickAPicPairs(
-            source,
-            cfg.split,
-            resolution=cfg.resolution,
-            crop="random" if cfg.random_crop else "center",
-            random_flip=cfg.random_flip,
-            tie_policy=cfg.tie_policy,
-            seed=cfg.seed,
-            show_progress=accelerator.is_local_main_process,
+            source, cfg.split, **augmentation, show_progress=accelerator.is_local_main_process
         )
-    info = {"dataset": cfg.dataset, "split": cfg.split, "tie_policy": cfg.tie_policy, "pairs": len(pairs)}
+    info["pairs"] = len(pairs)
     if cfg.max_train_samples:
         pairs.limit(cfg.max_train_samples)
         info["max_train_samples"] = cfg.max_train_samples
+    require_pairs(cfg, len(pairs), pairs.stats)
     if cfg.use_cache:
         from .cached import build_cached_data
 
         return build_cached_data(cfg, comps, accelerator, pairs, info)
     loader, sampler = epoch_loader(pairs, cfg, _collate_with_index)
     return TrainData(loader, sampler, len(pairs), False, pairs, info)
+
+
+def build_streaming_data(cfg, stream: PickAPicPairStream, info: dict) -> TrainData:
+    """The on-the-fly loader over ``datasets.load_dataset(..., streaming=True)`` rows (``streaming: true``).
+
+    No Arrow copy of the split is made and nothing is indexed up front, so the number of usable pairs is unknown
+    until a pass ends (``num_pairs`` is 0); the start-up check only makes sure a first pair exists. The order is
+    the source order (no shuffle); ``index`` is the row number in the stream; the augmentation is keyed by (seed,
+    epoch, row); the last batch of a pass may be short (nothing is dropped). A resumed run is exact when the
+    source yields the same rows in the same order (local Parquet does; a remote dataset does unless it changed),
+    but not cheap: the batches already consumed in the current epoch are read and decoded again to be skipped.
+    """
+    if cfg.max_train_samples:
+        stream.limit(cfg.max_train_samples)
+        info["max_train_samples"] = cfg.max_train_samples
+    first = stream.first_examples(1)
+    if not first.pairs_indexed:
+        require_pairs(cfg, 0, first, minimum=1)
+    loader = DataLoader(
+        stream,
+        batch_size=cfg.train_batch_size,
+        collate_fn=_collate_with_index,
+        num_workers=cfg.dataloader_num_workers,
+        drop_last=False,  # the source order is the same every epoch: a dropped tail would never be trained on
+    )
+    info["streaming"] = "pairs counted while read"
+    return TrainData(loader, None, 0, False, stream, info)
 
 
 def epoch_loader(dataset, cfg, collate_fn) -> tuple[DataLoader, EpochShuffleSampler]:
