@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from diffalign.training import checkpoint as ck
 from diffalign.diffusion.parts import pair_randomness, pair_seed
 from diffalign.objectives.registry import get_objective
+from diffalign.training import checkpoint as ck
 
 
 def test_pair_randomness_depends_only_on_seed_epoch_and_index():

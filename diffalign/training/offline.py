@@ -52,7 +52,7 @@ class OfflinePairsTrainer:
         self.accelerator, self.comps = acc, comps
 
         self.data = build_train_data(cfg, comps, acc)
-        if self.data.num_pairs == 0:
+        if self.data.num_pairs == 0 and not cfg.streaming:  # a stream's size is unknown until read
             raise ConfigError(
                 f"dataset {cfg.dataset!r} split {cfg.split!r} has 0 usable pairs "
                 f"({self.data.describe().get('filtering', 'no rows')}); choose another split or tie_policy"

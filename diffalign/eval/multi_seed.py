@@ -1,0 +1,89 @@
+"""Summaries of one config trained with several seeds: each seed's evaluation, and mean / min / max across seeds.
+
+A seed's evaluation is the ``eval.json`` its run wrote (:func:`diffalign.eval.protocol.evaluate_pipeline_pair`):
+the same prompts and evaluation seeds for every training seed, so the spread across training seeds is the training
+run's own variance, not the evaluation's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .report import markdown_table
+
+
+def summarise_seeds(eval_files: dict[int, str | Path]) -> dict:
+    """``{training seed: path to eval.json}`` -> per-seed win rates and CIs, plus mean, min and max over seeds.
+
+    Seeds whose ``eval.json`` is missing are listed under ``missing_seeds`` (never silently averaged over).
+    """
+    per_seed: dict[str, dict] = {}
+    missing: list[int] = []
+    for seed, path in sorted(eval_files.items()):
+        path = Path(path)
+        if not path.is_file():
+            missing.append(seed)
+            continue
+        ev = json.loads(path.read_text())
+        wr = ev["win_rate"]
+        per_seed[str(seed)] = {
+            "win_rate": wr["win_rate"],
+            "ci_low": wr["ci_low"],
+            "ci_high": wr["ci_high"],
+            "wins": wr["wins"],
+            "ties": wr["ties"],
+            "losses": wr["losses"],
+            "aspects": {k: v["aligned"]["mean"] for k, v in ev.get("aspects", {}).items()},
+            "base_aspects": {k: v["base"]["mean"] for k, v in ev.get("aspects", {}).items()},
+            "eval_json": str(path),
+        }
+    rates = np.array([v["win_rate"] for v in per_seed.values()], dtype=np.float64)
+    lows = np.array([v["ci_low"] for v in per_seed.values()], dtype=np.float64)
+    out = {"seeds": per_seed, "missing_seeds": missing, "num_seeds": len(per_seed)}
+    if len(rates):
+        out.update(
+            {
+                "mean_win_rate": float(rates.mean()),
+                "min_win_rate": float(rates.min()),
+                "max_win_rate": float(rates.max()),
+                "std_win_rate": float(rates.std(ddof=1)) if len(rates) > 1 else 0.0,
+                "min_ci_low": float(lows.min()),
+            }
+        )
+    return out
+
+
+def meets_bar(summary: dict, mean_at_least: float, every_ci_low_above: float, min_seeds: int = 3) -> bool:
+    """The multi-seed bar: ≥ ``min_seeds`` seeds, mean win rate ≥ ``mean_at_least``, every seed's CI low above
+    ``every_ci_low_above``."""
+    return (
+        summary.get("num_seeds", 0) >= min_seeds
+        and summary["mean_win_rate"] >= mean_at_least
+        and summary["min_ci_low"] > every_ci_low_above
+    )
+
+
+def format_summary(summary: dict) -> str:
+    rows = [
+        [
+            seed,
+            v["win_rate"],
+            f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]",
+            f"{v['wins']}/{v['ties']}/{v['losses']}",
+        ]
+        for seed, v in summary["seeds"].items()
+    ]
+    table = markdown_table(["training seed", "win rate", "95% CI", "W/T/L"], rows)
+    if not summary["seeds"]:
+        return table + "\nno seed finished"
+    tail = (
+        f"mean {summary['mean_win_rate']:.3f} over {summary['num_seeds']} seeds "
+        f"(min {summary['min_win_rate']:.3f}, max {summary['max_win_rate']:.3f}; lowest CI bound "
+        f"{summary['min_ci_low']:.3f})"
+    )
+    if summary.get("missing_seeds"):
+        tail += f"; no eval.json for seeds {summary['missing_seeds']}"
+    return table + "\n" + tail
