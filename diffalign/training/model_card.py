@@ -8,7 +8,6 @@ the installed package) rather than the name ``"sandbox"``, which only diffalign 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -56,16 +55,21 @@ def load_snippet(cfg, weights_dir: Path) -> str:
 
 def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dict, weights_dir: Path) -> Path:
     """``<output_dir>/README.md``: front matter, the load snippet, the data, the metrics and the full config."""
+    from ..config import to_dict
+    from ..objectives.registry import get_objective
+
+    spec = get_objective(cfg.objective)  # the card describes the method from its registry entry
     lora = cfg.finetune == "lora"
+    base = "diffalign-sandbox" if cfg.pretrained_model == "sandbox" else cfg.pretrained_model
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [diffalign, diffusion-dpo, text-to-image]"
-        if cfg.objective == "dpo"
-        else "tags: [diffalign, sft, text-to-image]",
-        f"base_model: {cfg.pretrained_model}",
+        f"tags: [diffalign, {spec.name}, text-to-image]",
+        f"base_model: {base}",
         "---",
-        f"# {'Diffusion-DPO' if cfg.objective == 'dpo' else 'SFT'} {'LoRA' if lora else 'UNet'} trained with diffalign",
+        f"# {spec.name} {'LoRA' if lora else 'UNet'} trained with diffalign",
+        "",
+        f"{spec.description}.",
         "",
         "## Load",
         "```python",
@@ -84,7 +88,7 @@ def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dic
         "",
         "## Training configuration",
         "```json",
-        json.dumps(asdict(cfg), indent=2),
+        json.dumps(to_dict(cfg), indent=2),
         "```",
     ]
     path = Path(output_dir) / "README.md"
