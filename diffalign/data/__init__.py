@@ -10,22 +10,9 @@ from .cache import (
     key_digest,
     model_fingerprint,
 )
-from .pickapic import (
-    CROP_MODES,
-    SKIP_REASONS,
-    TIE_POLICIES,
-    PairSkip,
-    PairStats,
-    PairTransform,
-    PickAPicPairs,
-    PickAPicPairStream,
-    build_example,
-    classify_row,
-    collate_pairs,
-    decode_rgb,
-    example_rng,
-    load_pickapic_split,
-)
+from .pair_filter import SKIP_REASONS, TIE_POLICIES, PairSkip, PairStats, classify_row
+from .pair_images import CROP_MODES, PairTransform, build_example, decode_rgb, example_rng
+from .pickapic import PickAPicPairs, collate_pairs
 from .sampler import EpochShuffleSampler, epoch_permutation, split_index
 from .schema import (
     PAIR_REQUIRED_COLUMNS,
@@ -40,6 +27,8 @@ from .schema import (
     write_pickapic_dataset,
     write_pickapic_split,
 )
+from .splits import load_pickapic_split
+from .stream import PickAPicPairStream
 
 __all__ = [
     "CROP_MODES",

@@ -1,0 +1,119 @@
+"""Opening one split of Pick-a-Pic-format data (:func:`load_pickapic_split`): a ``datasets`` object, a local
+directory in the Hub layout, Parquet files, or a hub name; and how a source is named in messages
+(:func:`describe_source`).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _split_files(directory: Path, split: str) -> list[str] | None:
+    """The Parquet files of ``split`` in a local directory in the Hub layout, or None when ``datasets`` must resolve
+    the files itself (a README declaring ``configs:``, or data that is not Parquet)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    readme = directory / "README.md"
+    if readme.is_file() and "configs:" in readme.read_text(errors="ignore"):
+        return None
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(str(directory)), base_path=str(directory))
+    except FileNotFoundError:  # no data files found: let datasets say so in its own words
+        return None
+    if split not in files:
+        raise ValueError(
+            f"{directory}: split {split!r} not found (splits found: {', '.join(files) or 'none'}). A local "
+            f"directory needs files named data/{split}-00000-of-00001.parquet "
+            "(see diffalign.data.write_pickapic_dataset)."
+        )
+    names = [str(f) for f in files[split]]
+    return names if all(n.endswith(".parquet") for n in names) else None
+
+
+def _no_rows() -> Iterator[dict[str, Any]]:
+    yield from ()
+
+
+def _load_parquet_files(files: Sequence[str], split: str, kwargs: Mapping[str, Any]) -> Any:
+    """``files`` as one split. Files with zero rows are left out (datasets' Parquet reader fails on them: it asks
+    for batches of 0 rows); a split with no rows at all is an empty dataset with the files' schema."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    nonempty = [f for f in files if pq.ParquetFile(f).metadata.num_rows > 0]
+    if nonempty:
+        return datasets.load_dataset("parquet", data_files={split: nonempty}, split=split, **kwargs)
+    schema = pq.read_schema(files[0])
+    if kwargs.get("streaming"):
+        features = datasets.Features.from_arrow_schema(schema)
+        return datasets.IterableDataset.from_generator(_no_rows, features=features)
+    return datasets.Dataset(schema.empty_table())
+
+
+def load_pickapic_split(
+    source: Any,
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    **load_kwargs: Any,
+) -> Any:
+    """Open one split of Pick-a-Pic-format data as a ``datasets.Dataset`` (or ``IterableDataset`` if streaming).
+
+    ``source`` may be:
+
+    * a ``datasets.Dataset`` / ``IterableDataset`` (returned unchanged; ``split`` is ignored);
+    * a local directory in the Hub layout (``<dir>/data/<split>-NNNNN-of-NNNNN*.parquet``, as written by
+      :func:`~diffalign.data.schema.write_pickapic_dataset`, or a local copy of the public files): only the files
+      of ``split`` are read, so another split (an empty or a broken one) never stands in the way;
+    * a ``.parquet`` file or a glob of them (e.g. ``/data/pap/train-*.parquet``): all matching files are ``split``;
+    * any other string: a dataset name for ``datasets.load_dataset(name, split=split, streaming=streaming)``.
+
+    A split with zero rows loads as an empty dataset (``datasets`` itself refuses such a split). Non-streaming
+    sources are converted once to Arrow files in the ``datasets`` cache (``cache_dir``) and memory-mapped: random
+    access without loading images into RAM.
+    """
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return source
+    text = str(source)
+    path = Path(text)
+    kwargs = dict(load_kwargs, cache_dir=cache_dir, streaming=streaming)
+    if path.is_dir():
+        files = _split_files(path, split)
+        if files is None:
+            try:
+                return datasets.load_dataset(str(path), split=split, **kwargs)
+            except ValueError as err:
+                if "split" in str(err).lower():
+                    raise ValueError(f"{text}: split {split!r} not found ({err})") from err
+                raise
+        return _load_parquet_files(files, split, kwargs)
+    if _is_glob(text) or path.suffix == ".parquet":
+        files = sorted(_glob.glob(text)) if _is_glob(text) else [text]
+        if not files or not all(Path(f).is_file() for f in files):
+            raise FileNotFoundError(f"no Parquet file matches {text!r}")
+        return _load_parquet_files(files, split, kwargs)
+    return datasets.load_dataset(text, split=split, **kwargs)
+
+
+def describe_source(source: Any, split: str) -> str:
+    """``"<file or name> [<split>]"``: how error messages and stats name a source."""
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        files = getattr(source, "cache_files", None) or []
+        name = (
+            files[0]["filename"]
+            if files
+            else (getattr(source.info, "dataset_name", None) or "in-memory dataset")
+        )
+        return f"{name} [{source.split or split}]"
+    return f"{source} [{split}]"
