@@ -27,7 +27,7 @@ from .schema import (
     write_pickapic_dataset,
     write_pickapic_split,
 )
-from .splits import load_pickapic_split
+from .splits import load_pickapic_split, split_captions
 from .stream import PickAPicPairStream
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "load_pickapic_split",
     "model_fingerprint",
     "rows_to_table",
+    "split_captions",
     "split_index",
     "split_path",
     "validate_table",

@@ -1,6 +1,6 @@
 """Opening one split of Pick-a-Pic-format data (:func:`load_pickapic_split`): a ``datasets`` object, a local
-directory in the Hub layout, Parquet files, or a hub name; and how a source is named in messages
-(:func:`describe_source`).
+directory in the Hub layout, Parquet files, or a hub name; how a source is named in messages
+(:func:`describe_source`); and the captions of a split, for prompt sets (:func:`split_captions`).
 """
 
 from __future__ import annotations
@@ -117,3 +117,27 @@ def describe_source(source: Any, split: str) -> str:
         )
         return f"{name} [{source.split or split}]"
     return f"{source} [{split}]"
+
+
+def split_captions(source: Any, split: str, name: str | None = None) -> list[Any]:
+    """The ``caption`` column of one split (what prompt sets are read from), opened by :func:`load_pickapic_split`,
+    so an empty or broken *other* split of a local directory does not stand in the way.
+
+    ``name`` is how messages call the dataset (e.g. ``"sandbox"``; default: ``source``).
+
+    Raises:
+        ValueError: the split does not exist, has no rows, or has no ``caption`` column (naming the dataset and
+            the split).
+    """
+    name = str(source) if name is None else name
+    ds = load_pickapic_split(source, split)
+    if ds.num_rows == 0:
+        raise ValueError(
+            f"dataset {name!r} split {split!r} has no rows, so it has no prompts: choose another split, or rebuild "
+            f"the dataset with rows in {split!r}"
+        )
+    if "caption" not in ds.column_names:
+        raise ValueError(
+            f"dataset {name!r} split {split!r} has no 'caption' column (columns: {ds.column_names})"
+        )
+    return ds["caption"]

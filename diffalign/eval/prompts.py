@@ -180,19 +180,18 @@ def read_hps_json(paths: str | Path | list[str | Path]) -> PromptSet:
 
 
 def read_pickapic_prompts(dataset: str, split: str) -> PromptSet:
-    """Unique captions of a Pick-a-Pic-schema split (``"sandbox"`` = the shipped sandbox data)."""
-    import datasets
+    """Unique captions of a Pick-a-Pic-schema split (``"sandbox"`` = the shipped sandbox data).
 
+    Raises:
+        ValueError: the split does not exist, has no rows, or has no ``caption`` column
+            (:func:`~diffalign.data.splits.split_captions`).
+    """
     from ..data.sources import resolve_built_dataset
+    from ..data.splits import split_captions
 
-    path = resolve_built_dataset(dataset)
-    ds = datasets.load_dataset(path, split=split)
-    if "caption" not in ds.column_names:
-        raise ValueError(
-            f"dataset {dataset!r} split {split!r} has no 'caption' column (columns: {ds.column_names})"
-        )
+    captions = split_captions(resolve_built_dataset(dataset), split, name=dataset)
     name = f"{dataset}:{split}" if dataset == "sandbox" else f"{Path(dataset).name}:{split}"
-    return _dedupe([(c, None, {}) for c in ds["caption"]], name)
+    return _dedupe([(c, None, {}) for c in captions], name)
 
 
 def load_prompt_set(spec: str, split: str = "test_unique") -> PromptSet:

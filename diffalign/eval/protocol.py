@@ -14,21 +14,22 @@ from pathlib import Path
 import numpy as np
 
 from ..data.sources import resolve_dataset  # also importable from here, as before
+from ..data.splits import split_captions
 from .compare import PairedSamples, compare, expand_prompts, generate
 from .report import image_grid, markdown_table
 
 
 def split_prompts(dataset: str, split: str, num_prompts: int | None = None) -> list[str]:
-    """Unique captions of a Pick-a-Pic-schema split, in first-appearance order."""
-    import datasets
+    """Unique captions of a Pick-a-Pic-schema split, in first-appearance order.
 
-    ds = datasets.load_dataset(resolve_dataset(dataset), split=split)
-    if "caption" not in ds.column_names:
-        raise ValueError(
-            f"dataset {dataset!r} split {split!r} has no 'caption' column (columns: {ds.column_names})"
-        )
+    Local directories (and ``"sandbox"``) are read split by split (:func:`~diffalign.data.splits.split_captions`),
+    so another split being empty does not matter; hub names go to ``datasets.load_dataset``.
+
+    Raises:
+        ValueError: the split does not exist, has no rows, or has no ``caption`` column.
+    """
     seen: dict[str, None] = {}
-    for c in ds["caption"]:
+    for c in split_captions(resolve_dataset(dataset), split, name=dataset):
         if c and c.strip():
             seen.setdefault(c, None)
     prompts = list(seen)
