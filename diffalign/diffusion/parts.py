@@ -102,14 +102,20 @@ def pair_randomness(
 
 @dataclass
 class NoisingContext:
-    """What a noising part may use besides ``(x0, ε, t)``: the schedule, and a call into the current model
-    (``model(x_t, t) -> prediction`` with the batch's conditioning bound) for inversion-style noisings; ``params``
-    is the objective's hyperparameter dataclass."""
+    """What a noising part may use besides ``(x0, ε, t)``: the schedule; calls into the current model and the
+    reference (``model(x [n, ...], t [n], rows [n]) -> prediction`` with the conditioning of batch ``rows`` bound)
+    for inversion-style noisings; one seed per row for any extra randomness (keyed by (seed, epoch, pair, slot), so
+    a resumed run draws the same); the scheduler's inverse-grid offset and initial ᾱ (diffusers'
+    ``DDIMInverseScheduler``); ``params`` is the objective's hyperparameter dataclass."""
 
     alphas_cumprod: torch.Tensor
     prediction_type: str
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     params: Any = None
+    reference_model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    row_seeds: list[int] | None = None
+    steps_offset: int = 0
+    initial_alpha_cumprod: float | None = None
 
 
 def gaussian_noising(
@@ -119,7 +125,37 @@ def gaussian_noising(
     return add_noise(x0, noise, t, ctx.alphas_cumprod), noise
 
 
-NOISINGS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"gaussian": gaussian_noising}
+def ddim_inversion_noising(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ctx: NoisingContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InPO: ``x_t`` by DDIM inversion of ``x0`` with the current model (or the reference), ``ε̃`` its implied noise
+    (:mod:`diffalign.diffusion.inversion`). Reads ``inversion_steps``, ``inversion_eta``, ``inversion_model`` from
+    ``ctx.params``; the drawn Gaussian ``noise`` is not used."""
+    from .inversion import ddim_inversion_noise
+
+    p = ctx.params
+    model = ctx.model if p.inversion_model == "current" else ctx.reference_model
+    generators = None
+    if p.inversion_eta > 0:
+        generators = [torch.Generator().manual_seed(s) for s in ctx.row_seeds]
+    return ddim_inversion_noise(
+        model,
+        x0,
+        t,
+        ctx.alphas_cumprod,
+        num_steps=p.inversion_steps,
+        eta=p.inversion_eta,
+        prediction_type=ctx.prediction_type,
+        steps_offset=ctx.steps_offset,
+        initial_alpha_cumprod=ctx.initial_alpha_cumprod,
+        generators=generators,
+    )
+
+
+NOISINGS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "gaussian": gaussian_noising,
+    "ddim_inversion": ddim_inversion_noising,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from ..errors import ConfigError
 OBJECTIVE_MODULES: dict[str, str] = {
     "dpo": "diffalign.objectives.dpo",
     "sft": "diffalign.objectives.dpo",
+    "inpo": "diffalign.objectives.inpo",
 }
 
 INPUTS = ("pair_errors", "winner_errors", "trajectory_logprobs")
 LOOPS = ("offline_pairs", "online")
 TIMESTEPS = ("uniform", "grid")
-NOISINGS = ("gaussian",)
+NOISINGS = ("gaussian", "ddim_inversion")
 ERROR_SPACES = ("target", "x0")
 
 

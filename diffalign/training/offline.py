@@ -77,6 +77,7 @@ class OfflinePairsTrainer:
             device=acc.device,
             autocast=acc.autocast,
             timestep_grid=getattr(cfg.params, "timestep_grid", None),
+            **_inverse_schedule(comps.noise_scheduler),
         )
         self.global_step, self.epoch, self.batches_in_epoch = 0, 0, 0
         resumed = self._resume()
@@ -296,6 +297,17 @@ class OfflinePairsTrainer:
 
     def end(self) -> None:
         self.accelerator.end_training()
+
+
+def _inverse_schedule(scheduler) -> dict:
+    """The inverse-grid offset and initial ᾱ that diffusers' DDIMInverseScheduler derives from this schedule."""
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    return {
+        "steps_offset": int(inverse.config.steps_offset),
+        "initial_alpha_cumprod": float(inverse.initial_alpha_cumprod),
+    }
 
 
 __all__ = ["OfflinePairsTrainer", "Run"]

@@ -42,10 +42,11 @@ class PairStep:
     prompt_dropout: float
     resolution: int
     device: torch.device
-    autocast: Any = (
-        contextlib.nullcontext
-    )  # accelerator.autocast: the frozen reference copy is not wrapped by it
+    # accelerator.autocast: the frozen reference copy is not wrapped by it
+    autocast: Any = contextlib.nullcontext
     timestep_grid: tuple[int, ...] | None = None
+    steps_offset: int = 0  # the scheduler's, for inverse grids (DDIMInverseScheduler)
+    initial_alpha_cumprod: float | None = None
 
     def latents_and_text(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``latents [B, 2, C, h, w]`` float32 and text embeddings ``{name: [B, ...]}`` (cached or encoded now)."""
@@ -90,11 +91,27 @@ class PairStep:
             _image_rows(batch.get("crop_top_lefts"), k),
         )
         kwargs = cond.unet_kwargs(self.weight_dtype)
+
+        def policy(x, tt, rows):
+            return self.unet(x.to(self.weight_dtype), tt, **_select_rows(kwargs, rows)).sample
+
+        def reference(x, tt, rows):
+            with self.reference() as ref, self.autocast():
+                return ref(x.to(self.weight_dtype), tt, **_select_rows(kwargs, rows)).sample
+
         ctx = parts.NoisingContext(
             self.alphas_cumprod,
             self.comps.prediction_type,
-            model=lambda x, tt: self.unet(x.to(self.weight_dtype), tt, **kwargs).sample,
+            model=policy,
             params=self.params,
+            reference_model=reference if self.reference is not None else None,
+            row_seeds=[  # one stream per image: (seed, epoch, pair) as for t and eps, then the slot (winner / loser)
+                parts.pair_seed(self.seed, epoch, int(i)) ^ (0x5DEECE66D * (slot + 1))
+                for slot in range(k)
+                for i in batch["index"].tolist()
+            ],
+            steps_offset=self.steps_offset,
+            initial_alpha_cumprod=self.initial_alpha_cumprod,
         )
         noisy, eps = parts.NOISINGS[self.spec.noising](x0, noise_k, tk, ctx)
         error = parts.ERROR_SPACES[self.spec.error_space]
@@ -115,6 +132,17 @@ class PairStep:
             label_w=None if label is None else label.to(self.device),
         )
         return self.spec.loss(inputs, self.params)
+
+
+def _select_rows(kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The UNet keyword inputs of the given batch rows (cross-attention kwargs are not per row)."""
+    out = dict(kwargs)
+    out["encoder_hidden_states"] = kwargs["encoder_hidden_states"][rows]
+    if kwargs.get("added_cond_kwargs") is not None:
+        out["added_cond_kwargs"] = {n: v[rows] for n, v in kwargs["added_cond_kwargs"].items()}
+    if kwargs.get("timestep_cond") is not None:
+        out["timestep_cond"] = kwargs["timestep_cond"][rows]
+    return out
 
 
 def _split(err: torch.Tensor | None, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
