@@ -252,7 +252,7 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
             ["--loss_type", "hinge", "--label_smoothing", "0.1"],
             "label_smoothing=0.1 works only with loss_type sigmoid",
         ),
-        (["--objective", "ppo"], "objective='ppo' is not a known objective; choose one of ['dpo', 'sft']"),
+        (["--objective", "ppo"], "objective='ppo' is not a known objective; choose one of ['dpo', 'inpo', 'sft']"),
         (
             ["--pretrained_model", "./no/such/model"],
             "pretrained_model='./no/such/model': no such local directory",
