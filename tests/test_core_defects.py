@@ -6,54 +6,31 @@ in it, the trainer in-process where a fault has to be injected.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ENV, REPO, SCRIPT, losses, make_tiny, run_script, tiny_args
 from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny_sd, build_tiny_sdxl, write_tiny_pairs
 
 from diffalign.config import TrainConfig, parse_config
 from diffalign.errors import ConfigError, TrainingError
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "train_diffusion_dpo.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {
-        "sd": build_tiny_sd(root / "sd"),
-        "sdxl": build_tiny_sdxl(root / "sdxl"),
-        "data": write_tiny_pairs(root / "data", n=16, size=16),
-    }
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def _args(model, data, out, *extra):
-    return [
-        "--pretrained_model", str(model), "--dataset", str(data), "--resolution", "16", "--output_dir", str(out),
-        "--train_batch_size", "4", "--max_train_steps", "4", "--checkpointing_steps", "2",
-        "--checkpoints_total_limit", "none", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
-        "--logging_steps", "1", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--use_cache", "false", *extra,
-    ]  # fmt: skip
+    return tiny_args(model, data, out, "--deterministic", "false", *extra, steps=4, checkpointing=2)
 
 
 def _cli(args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
+    return run_script(args, timeout=timeout, check=False)
 
 
 def _ok(proc):
@@ -61,8 +38,7 @@ def _ok(proc):
     return proc
 
 
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["train/loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+_losses = losses
 
 
 def _trainer(model, data, out, **overrides):
@@ -252,7 +228,10 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
             ["--loss_type", "hinge", "--label_smoothing", "0.1"],
             "label_smoothing=0.1 works only with loss_type sigmoid",
         ),
-        (["--objective", "ppo"], "objective='ppo' is not a known objective; choose one of ['dpo', 'inpo', 'sft']"),
+        (
+            ["--objective", "ppo"],
+            "objective='ppo' is not a known objective; choose one of ['dpo', 'inpo', 'sft']",
+        ),
         (
             ["--pretrained_model", "./no/such/model"],
             "pretrained_model='./no/such/model': no such local directory",

@@ -3,14 +3,9 @@ reconstructs x_t, one step matches its closed form, the extra noise is keyed per
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from cli_helpers import losses, run_script, tiny_args
 from diffusers import DDIMInverseScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from tiny_models import build_tiny_sd, write_tiny_pairs
@@ -18,10 +13,6 @@ from tiny_models import build_tiny_sd, write_tiny_pairs
 from diffalign.diffusion.inversion import ddim_inversion_noise, inverse_grid
 from diffalign.diffusion.noise import add_noise
 from diffalign.sandbox import SANDBOX_PIPELINE
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "train_diffusion_dpo.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _scheduler() -> DDIMInverseScheduler:
@@ -110,20 +101,12 @@ def test_extra_noise_follows_the_per_image_generators():
 
 
 def _args(model, data, out, *extra):
-    return [
-        "--pretrained_model", str(model), "--dataset", str(data), "--resolution", "16", "--output_dir", str(out),
-        "--objective", "inpo", "--beta", "500", "--inversion_steps", "4", "--train_batch_size", "4",
-        "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
-        "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none", "--logging_steps", "1",
-        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--use_cache", "false", *extra,
-    ]  # fmt: skip
+    inpo = ("--objective", "inpo", "--beta", "500", "--inversion_steps", "4", "--deterministic", "false")
+    return tiny_args(model, data, out, *inpo, *extra, steps=4, checkpointing=2)
 
 
 def _run(args):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True, timeout=600,
-                          cwd=REPO)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return run_script(args, timeout=600)
 
 
 def test_inpo_trains_through_the_cli_and_resumes_bit_identically(tmp_path):
@@ -136,6 +119,6 @@ def test_inpo_trains_through_the_cli_and_resumes_bit_identically(tmp_path):
     a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(cut / "lora" / "pytorch_lora_weights.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
-    losses = [json.loads(x)["train/loss"] for x in (straight / "train_log.jsonl").read_text().splitlines()]
-    assert abs(losses[0] - 0.6931471805599453) < 1e-6  # untrained LoRA: margin 0 under any noising
-    assert len(set(losses)) > 1
+    curve = losses(straight)
+    assert abs(curve[0] - 0.6931471805599453) < 1e-6  # untrained LoRA: margin 0 under any noising
+    assert len(set(curve)) > 1

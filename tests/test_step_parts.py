@@ -109,3 +109,13 @@ def test_no_method_branches_outside_objectives():
         if pattern.search(line)
     ]
     assert not offenders, f"method branches outside diffalign/objectives/: {offenders}"
+
+
+def test_sdxl_vae_stays_float32_under_fp16():
+    from diffalign.training.run import frozen_dtype
+
+    assert frozen_dtype(True, True, torch.float16) == torch.float32  # SDXL's VAE NaNs in fp16
+    assert frozen_dtype(True, True, torch.bfloat16) == torch.bfloat16
+    assert frozen_dtype(True, False, torch.float16) == torch.float16  # SD1.x's VAE is fine in fp16
+    assert frozen_dtype(False, True, torch.float16) == torch.float16  # text encoders follow the compute dtype
+    assert frozen_dtype(True, True, torch.float32) == torch.float32

@@ -7,55 +7,24 @@ the same weights as an uninterrupted one; two processes give the loss curve of o
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ENV, REPO, SCRIPT, losses, make_tiny, run_script, tiny_args
 from safetensors.torch import load_file
-from tiny_models import assert_lora_fully_loaded, build_tiny_sd, build_tiny_sdxl, write_tiny_pairs
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "train_diffusion_dpo.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+from tiny_models import assert_lora_fully_loaded
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {
-        "sd": build_tiny_sd(root / "sd"),
-        "sdxl": build_tiny_sdxl(root / "sdxl"),
-        "data": write_tiny_pairs(root / "data", n=16, size=16),
-    }
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def _args(model, data, out, *extra):
-    return [
-        "--pretrained_model", str(model), "--dataset", str(data), "--resolution", "16", "--output_dir", str(out),
-        "--train_batch_size", "4", "--max_train_steps", "6", "--checkpointing_steps", "3",
-        "--checkpoints_total_limit", "none", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
-        "--logging_steps", "1", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--use_cache", "false",
-        "--deterministic", "true", *extra,
-    ]  # fmt: skip
-
-
-def _run(args, launcher=None, timeout=300):
-    cmd = [*(launcher or [sys.executable]), str(SCRIPT), *args]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
-    )
-    return proc
-
-
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["train/loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+_args, _run, _losses = tiny_args, run_script, losses
 
 
 def test_lora_run_writes_everything_and_exports_a_stock_loadable_lora(tiny, tmp_path):

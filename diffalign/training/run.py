@@ -57,6 +57,15 @@ def enable_deterministic() -> None:
     torch.backends.cudnn.deterministic = True
 
 
+def frozen_dtype(is_vae: bool, sdxl: bool, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a frozen module (VAE, text encoders) under mixed precision: the compute dtype, except SDXL's VAE
+    under fp16, which overflows to NaN in half precision and stays float32 (as in diffusers' SDXL training
+    scripts; a fp16-safe VAE such as the "fp16-fix" one can be loaded as the pipeline's VAE instead)."""
+    if is_vae and sdxl and weight_dtype == torch.float16:
+        return torch.float32
+    return weight_dtype
+
+
 def setup_run(cfg, spec: ObjectiveSpec, project_name: str = "diffalign") -> Run:
     """Accelerator, components on the device, the trainable UNet (LoRA adapters or all weights) and the reference
     the spec asks for. Frozen modules are cast to the mixed-precision dtype, except SDXL's VAE under fp16, which
@@ -78,9 +87,9 @@ def setup_run(cfg, spec: ObjectiveSpec, project_name: str = "diffalign") -> Run:
     weight_dtype = DTYPES.get(acc.mixed_precision, torch.float32)
     for m in comps.frozen_modules():
         m.to(acc.device)
-        keep_fp32 = m is comps.vae and comps.sdxl and weight_dtype == torch.float16
-        if weight_dtype != torch.float32 and not keep_fp32:
-            m.to(dtype=weight_dtype)
+        dtype = frozen_dtype(m is comps.vae, comps.sdxl, weight_dtype)
+        if dtype != torch.float32:  # no cast otherwise: diffusers warns on no-op dtype casts
+            m.to(dtype=dtype)
     unet = comps.unet
     attention = mp.set_attention_backend(unet.to(acc.device), cfg.attention)
     if cfg.gradient_checkpointing:
