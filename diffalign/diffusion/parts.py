@@ -113,7 +113,7 @@ class NoisingContext:
     model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     params: Any = None
     reference_model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    row_seeds: list[int] | None = None
+    row_seeds: Callable[[], list[int]] | None = None  # called only by parts that need extra randomness
     steps_offset: int = 0
     initial_alpha_cumprod: float | None = None
 
@@ -137,7 +137,7 @@ def ddim_inversion_noising(
     model = ctx.model if p.inversion_model == "current" else ctx.reference_model
     generators = None
     if p.inversion_eta > 0:
-        generators = [torch.Generator().manual_seed(s) for s in ctx.row_seeds]
+        generators = [torch.Generator().manual_seed(s) for s in ctx.row_seeds()]
     return ddim_inversion_noise(
         model,
         x0,

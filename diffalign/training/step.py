@@ -105,7 +105,9 @@ class PairStep:
             model=policy,
             params=self.params,
             reference_model=reference if self.reference is not None else None,
-            row_seeds=[  # one stream per image: (seed, epoch, pair) as for t and eps, then the slot (winner / loser)
+            # one stream per image: (seed, epoch, pair) as for t and eps, then the slot (winner / loser); computed only
+            # by a noising part that draws extra randomness, not on every Gaussian step
+            row_seeds=lambda: [
                 parts.pair_seed(self.seed, epoch, int(i)) ^ (0x5DEECE66D * (slot + 1))
                 for slot in range(k)
                 for i in batch["index"].tolist()
