@@ -49,9 +49,8 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """Preference training of a text-to-image diffusion model (Diffusion-DPO, its SFT baseline, and every method
-    in the objective registry) on offline preference pairs."""
+class CommonConfig:
+    """What every training loop shares: model, objective, optimisation, bookkeeping, final evaluation."""
 
     # ---- model -----------------------------------------------------------------------------------------------
     pretrained_model: str = _help(
@@ -75,32 +74,13 @@ class TrainConfig:
         "'auto' (xformers on CUDA when installed, else PyTorch SDPA), 'sdpa' or 'xformers'", "auto"
     )
 
-    # ---- data ------------------------------------------------------------------------------------------------
+    # ---- data ----------------------------------------------------------------------------------------------
     dataset: str = _help(
-        "Pick-a-Pic-schema data: local Parquet directory, hub dataset name, or 'sandbox' (shipped data)",
+        "Pick-a-Pic-schema data (offline training pairs; evaluation prompts by eval_split): local Parquet directory, "
+        "hub dataset name, or 'sandbox' (shipped data)",
         "sandbox",
     )
-    split: str = _help("dataset split to train on", "train")
-    streaming: bool = _help("stream the dataset instead of loading it (hub datasets; disables caches)", False)
-    tie_policy: str = _help("what to do with tied pairs (label 0.5/0.5): 'drop' (paper) or 'keep'", "drop")
-    max_train_samples: int | None = _help("use only the first N usable pairs (debugging, small runs)", None)
     resolution: int = _help("training resolution in pixels (sandbox: 32; SD1.5: 512; SDXL: 1024)", 32)
-    random_crop: bool = _help("random instead of centre crop (same crop for both images of a pair)", False)
-    random_flip: bool = _help("random horizontal flip (same flip for both images of a pair)", True)
-    prompt_dropout: float = _help("probability of replacing a caption by '' (official code: 0.2)", 0.0)
-    use_cache: bool = _help("precompute VAE latents and text embeddings once into on-disk shards", True)
-    cache_dir: str | None = _help("where caches live (default: <output_dir>/../.cache/diffalign)", None)
-    cache_batch_size: int = _help(
-        "pairs per encoder call while building the cache (4 images each: winner, loser, both flipped); "
-        "lower it if the build runs out of memory",
-        16,
-    )
-    cache_dtype: str = _help(
-        "storage dtype of cached latents and text embeddings: float16 (half the disk, <=4.9e-4 relative error) "
-        "or float32 (exact)",
-        "float16",
-    )
-    dataloader_num_workers: int = _help("data-loading worker processes", 0)
 
     # ---- objective (its own hyperparameters come from its registry entry) -------------------------------------
     objective: str = _help(
@@ -186,7 +166,6 @@ class TrainConfig:
                 f"got {type(self.params).__name__}"
             )
         _check_choice("finetune", self.finetune, ("lora", "full"))
-        _check_choice("tie_policy", self.tie_policy, ("drop", "keep"))
         _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_choice("nonfinite_loss", self.nonfinite_loss, ("error", "skip"))
         if self.mixed_precision is not None:
@@ -194,18 +173,11 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
         _check_choice("attention", self.attention, ("auto", "sdpa", "xformers"))
         _check_choice("reference_dtype", self.reference_dtype, ("float32", "float16", "bfloat16"))
-        _check_choice("cache_dtype", self.cache_dtype, ("float16", "float32"))
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ConfigError(f"config field prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
-        if self.streaming and self.use_cache:
-            raise ConfigError(
-                "config field streaming=true cannot be combined with use_cache=true: set use_cache false"
-            )
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "cache_batch_size",
-                     "logging_steps", "lora_rank", "resolution"):  # fmt: skip
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
+                     "lora_rank", "resolution"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
+        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(
                     f"config field {name} must be >= 0 (0 disables it), got {getattr(self, name)}"
@@ -250,8 +222,170 @@ class TrainConfig:
             )
 
 
+@dataclass
+class TrainConfig(CommonConfig):
+    """Preference training of a text-to-image diffusion model (Diffusion-DPO, its SFT baseline, and every method
+    in the objective registry) on offline preference pairs."""
+
+    # ---- training data ------------------------------------------------------------------------------------------------
+    split: str = _help("dataset split to train on", "train")
+    streaming: bool = _help("stream the dataset instead of loading it (hub datasets; disables caches)", False)
+    tie_policy: str = _help("what to do with tied pairs (label 0.5/0.5): 'drop' (paper) or 'keep'", "drop")
+    max_train_samples: int | None = _help("use only the first N usable pairs (debugging, small runs)", None)
+    random_crop: bool = _help("random instead of centre crop (same crop for both images of a pair)", False)
+    random_flip: bool = _help("random horizontal flip (same flip for both images of a pair)", True)
+    prompt_dropout: float = _help("probability of replacing a caption by '' (official code: 0.2)", 0.0)
+    use_cache: bool = _help("precompute VAE latents and text embeddings once into on-disk shards", True)
+    cache_dir: str | None = _help("where caches live (default: <output_dir>/../.cache/diffalign)", None)
+    cache_batch_size: int = _help(
+        "pairs per encoder call while building the cache (4 images each: winner, loser, both flipped); "
+        "lower it if the build runs out of memory",
+        16,
+    )
+    cache_dtype: str = _help(
+        "storage dtype of cached latents and text embeddings: float16 (half the disk, <=4.9e-4 relative error) "
+        "or float32 (exact)",
+        "float16",
+    )
+    dataloader_num_workers: int = _help("data-loading worker processes", 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .objectives.registry import get_objective
+
+        if get_objective(self.objective).loop != "offline_pairs":
+            raise ConfigError(
+                f"objective {self.objective!r} is an online method (sample, score, update): train it with "
+                "scripts/train_online.py"
+            )
+        _check_choice("tie_policy", self.tie_policy, ("drop", "keep"))
+        _check_choice("cache_dtype", self.cache_dtype, ("float16", "float32"))
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"config field prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.streaming and self.use_cache:
+            raise ConfigError(
+                "config field streaming=true cannot be combined with use_cache=true: set use_cache false"
+            )
+        if self.cache_batch_size < 1:
+            raise ConfigError(f"config field cache_batch_size must be >= 1, got {self.cache_batch_size}")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(
+                f"config field dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}"
+            )
+
+
 #: The name this class had when Diffusion-DPO was the only method.
 DPOConfig = TrainConfig
+
+
+@dataclass
+class OnlineConfig(CommonConfig):
+    """Online preference training: each epoch samples images for prompts with the frozen current model (θ_old),
+    scores them with a reward, and updates on the stored trajectories (PRDP, DDPO). Checkpoints, validation and
+    logging count epochs."""
+
+    objective: str = _help("the method, from the objective registry: 'prdp' or 'ddpo'", "prdp")
+    output_dir: str = _help("where checkpoints, logs, exports and eval.json go", "outputs/prdp-sandbox")
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    prompts: str = _help(
+        "training prompts: 'sandbox-grammar' (seeded sandbox captions), a .txt file (one per line), a "
+        "PartiPrompts .tsv, HPSv2-style .json file(s)/directory, 'sandbox' or a Pick-a-Pic Parquet directory",
+        "sandbox-grammar",
+    )
+    prompt_pool_size: int | None = _help(
+        "sandbox-grammar: the number of distinct training prompts (None: unbounded, drawn fresh each epoch)",
+        10000,
+    )
+    prompt_split: str = _help("split for Pick-a-Pic prompt sources", "train")
+    eval_prompts: str | None = _help(
+        "evaluation prompts: None = the eval_split of dataset; 'sandbox-grammar' = eval_num_prompts grammar "
+        "captions, excluded from the training prompts",
+        None,
+    )
+
+    # ---- sampling and updates ------------------------------------------------------------------------------
+    num_epochs: int = _help("epochs of sample -> score -> update", 100)
+    prompts_per_epoch: int = _help("P: prompts sampled per epoch (over all processes)", 16)
+    images_per_prompt: int = _help("N: images per prompt per epoch (PRDP pairs them within a prompt)", 4)
+    updates_per_epoch: int = _help("K: passes over the epoch's samples before θ_old is refreshed", 1)
+    train_batch_size: int = _help(
+        "prompts per device per micro-batch (each with its images_per_prompt trajectories)", 4
+    )
+    timestep_fraction: float = _help("share of each trajectory's steps trained on (DDPO: 1.0)", 1.0)
+    sample_steps: int = _help("sampling steps of the training trajectories", 20)
+    sampler: str = _help(
+        "training sampler: 'ddim' (DDIM with sample_eta > 0 on the model's schedule) or 'ddpm' (ancestral; its last "
+        "step is deterministic and not trained)",
+        "ddim",
+    )
+    sample_eta: float = _help("DDIM eta of the training sampler (> 0; 1 = DDPM's ancestral variance)", 1.0)
+    sample_guidance: float = _help("classifier-free guidance while sampling and training", 5.0)
+    sample_batch_size: int = _help("images per sampling call", 64)
+    reward: str = _help(
+        "training reward: a catalog name (reward_models/*.yaml) or a weighted sum 'name:weight,name:weight'; "
+        "never the judge that evaluates the run (a judge-trained run is a ceiling, not a result)",
+        "sandbox-vp-score",
+    )
+    max_train_steps: int = _help(
+        "derived for the online loop (num_epochs x optimizer steps per epoch); a value given here is ignored",
+        0,
+    )
+    track_every: int = _help(
+        "every N epochs, score the current model on track_prompts held-out evaluation prompts with eval_reward "
+        "(logged as heldout/<aspect>; 0 disables): the held-out curve next to the training reward",
+        0,
+    )
+    track_prompts: int = _help("held-out prompts for track_every (the first ones of the evaluation set)", 64)
+    checkpointing_steps: int = _help("write a checkpoint every N epochs (0: only at the end)", 10)
+    validation_steps: int = _help("write validation images every N epochs (0 disables)", 20)
+    logging_steps: int = _help("log metrics every N epochs", 1)
+    eval_seeds: list[int] = _help("seeds per evaluation prompt, identical for base and aligned", [0])
+
+    def __post_init__(self) -> None:
+        self.max_train_steps = max(self.max_train_steps, 1)
+        super().__post_init__()
+        for name in ("num_epochs", "prompts_per_epoch", "images_per_prompt", "updates_per_epoch",
+                     "sample_steps", "sample_batch_size", "track_prompts"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
+        _check_choice("sampler", self.sampler, ("ddim", "ddpm"))
+        if self.track_every < 0:
+            raise ConfigError(
+                f"config field track_every must be >= 0 (0 disables it), got {self.track_every}"
+            )
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ConfigError(
+                f"config field timestep_fraction must be in (0, 1], got {self.timestep_fraction}"
+            )
+        if not self.sample_eta > 0:
+            raise ConfigError(
+                f"config field sample_eta must be > 0 (a deterministic sampler has no log-probs), got {self.sample_eta}"
+            )
+        if self.prompt_pool_size is not None and self.prompt_pool_size < 1:
+            raise ConfigError(
+                f"config field prompt_pool_size must be >= 1 or none, got {self.prompt_pool_size}"
+            )
+        from .objectives.registry import get_objective
+
+        spec = get_objective(self.objective)
+        if spec.loop != "online":
+            raise ConfigError(
+                f"objective {self.objective!r} is an {spec.loop} method: train it with scripts/train_diffusion_dpo.py"
+            )
+        if self.images_per_prompt < spec.min_images_per_prompt:
+            raise ConfigError(
+                f"config field images_per_prompt={self.images_per_prompt}: objective {self.objective!r} compares "
+                f"images of one prompt and needs at least {spec.min_images_per_prompt}"
+            )
+        if self.reward.split(":")[0] == "sandbox-judge" or any(
+            part.split(":")[0].strip() == "sandbox-judge" for part in self.reward.split(",")
+        ):
+            print(
+                f"warning: reward {self.reward!r} uses the sandbox judge, which also evaluates the run: the result "
+                "is a ceiling (reward = evaluator), not evidence of alignment",
+                file=sys.stderr,
+            )
 
 
 def _looks_local(value: str) -> bool:

@@ -13,8 +13,18 @@ ACCELERATE = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelera
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_training_config_loads_and_says_how_to_run_it(path):
-    cfg = parse_config(DPOConfig, ["--config", str(path)])
-    assert isinstance(cfg, DPOConfig)
+    import yaml as _yaml
+
+    from diffalign.config import OnlineConfig
+    from diffalign.objectives.registry import get_objective
+
+    objective = _yaml.safe_load(path.read_text()).get("objective", "dpo")
+    online = get_objective(objective).loop == "online"
+    cls = OnlineConfig if online else DPOConfig
+    cfg = parse_config(cls, ["--config", str(path)])
+    assert isinstance(cfg, cls)
+    script = "scripts/train_online.py" if online else "scripts/train_diffusion_dpo.py"
+    assert script in path.read_text().split("\n\n")[0], f"{path} must name the script that trains it"
     head = path.read_text().splitlines()[0]
     assert head.startswith("#") and "scripts/" in path.read_text().split("\n\n")[0], (
         f"{path} must start with the command that runs it"

@@ -230,7 +230,7 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
         ),
         (
             ["--objective", "ppo"],
-            "objective='ppo' is not a known objective; choose one of ['dpo', 'inpo', 'sft']",
+            "objective='ppo' is not a known objective; choose one of ['ddpo', 'dpo', 'inpo', 'prdp', 'sft']",
         ),
         (
             ["--pretrained_model", "./no/such/model"],

@@ -70,10 +70,18 @@ def evaluate_pipeline_pair(
     reward: str,
     batch_size: int,
     output_dir: str | Path,
+    prompts: list[str] | None = None,
+    prompt_source: str | None = None,
 ) -> dict:
-    """Generate base (inside ``base_context``) and aligned images, compare them, write ``eval.json`` and a grid."""
+    """Generate base (inside ``base_context``) and aligned images, compare them, write ``eval.json`` and a grid.
+
+    The prompts are the ``split`` of ``dataset`` unless ``prompts`` are given (then ``prompt_source`` names them in
+    ``eval.json``, e.g. held-out sandbox-grammar captions of an online run)."""
     output_dir = Path(output_dir)
-    prompts = split_prompts(dataset, split, num_prompts)
+    if prompts is None:
+        prompts = split_prompts(dataset, split, num_prompts)
+    else:
+        prompts = list(prompts)[:num_prompts] if num_prompts else list(prompts)
     rows_p, rows_s = expand_prompts(prompts, seeds)
     with base_context:
         base = generate(
@@ -87,8 +95,8 @@ def evaluate_pipeline_pair(
     result = compare(samples, reward_score_fn(reward), primary=primary)
     result.update(
         {
-            "dataset": dataset,
-            "split": split,
+            "dataset": dataset if prompt_source is None else prompt_source,
+            "split": split if prompt_source is None else "held-out",
             "reward": reward,
             "steps": steps,
             "guidance": guidance,

@@ -26,6 +26,8 @@ OBJECTIVE_MODULES: dict[str, str] = {
     "dpo": "diffalign.objectives.dpo",
     "sft": "diffalign.objectives.dpo",
     "inpo": "diffalign.objectives.inpo",
+    "prdp": "diffalign.objectives.prdp",
+    "ddpo": "diffalign.objectives.ddpo",
 }
 
 INPUTS = ("pair_errors", "winner_errors", "trajectory_logprobs")
@@ -45,7 +47,14 @@ class ObjectiveSpec:
     """What a method needs from the loop; the loop reads it instead of branching on the method's name.
 
     ``loss(inputs, params) -> (loss[B], metrics {name: [B]})``: ``inputs`` is a :class:`~diffalign.objectives.
-    inputs.PairErrors` for ``inputs="pair_errors"``/``"winner_errors"``; ``params`` an instance of ``params``.
+    inputs.PairErrors` for ``inputs="pair_errors"``/``"winner_errors"``, a :class:`~diffalign.objectives.inputs.
+    TrajectoryLogProbs` for ``inputs="trajectory_logprobs"`` (online methods); ``params`` an instance of ``params``.
+    The loop reduces the returned loss with ``.mean()``.
+
+    Online methods (``loop="online"``) may also declare ``prepare_rewards(rewards [M], prompts [M], params, state)
+    -> advantages [M]``, called once per epoch on the rewards of every process (gathered), with ``state`` a
+    JSON-serialisable dict the loop keeps in its checkpoints (e.g. DDPO's per-prompt statistics); and
+    ``min_images_per_prompt`` (PRDP compares images of one prompt, so it needs at least 2).
     """
 
     name: str
@@ -59,6 +68,8 @@ class ObjectiveSpec:
     noising: str = "gaussian"
     error_space: str = "target"
     metric_prefix: str = "dpo"
+    prepare_rewards: Callable[..., Any] | None = None
+    min_images_per_prompt: int = 1
 
     def __post_init__(self) -> None:
         for field, value, valid in (

@@ -113,3 +113,38 @@ def save_checkpoint(
 
 def load_train_state(path: Path) -> dict:
     return json.loads((Path(path) / "train_state.json").read_text())
+
+
+def resume_state(accelerator, unet, output_dir: str | Path, resume: str | None) -> dict | None:
+    """Load the checkpoint ``resume`` names into the accelerator's objects and return its ``train_state``, or
+    ``None`` to start fresh. ``latest`` falls back to the newest checkpoint that verifies and loads, naming each one
+    it skipped; an explicit directory that does not load raises :class:`~diffalign.errors.TrainingError`."""
+    import torch
+
+    from ..errors import TrainingError
+
+    candidates = resume_candidates(output_dir, resume)
+    if resume == "latest" and not candidates:
+        accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {output_dir}; starting fresh")
+        return None
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            accelerator.load_state(str(path))
+            st = load_train_state(path)
+            bad = next((n for n, p in unet.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:  # e.g. a checkpoint written before file digests existed, damaged since
+                raise TrainingError(f"checkpoint {path}: weight {bad} holds NaN/inf values")
+        except Exception as err:  # noqa: BLE001 - any failure to load means: this checkpoint is unusable
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if resume != "latest":
+                raise TrainingError(f"cannot resume from {path}: {reason}") from err
+            accelerator.print(f"skipping checkpoint {path}: {reason}")
+            continue
+        st["path"] = str(path)
+        return st
+    if candidates:
+        accelerator.print(
+            f"resume_from_checkpoint=latest: no loadable checkpoint in {output_dir}; starting fresh"
+        )
+    return None

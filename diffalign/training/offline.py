@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import noise as dn
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError
 from ..models import pipeline as mp
 from ..objectives.registry import get_objective
 from . import checkpoint as ck
 from . import outputs
 from .data import build_train_data
-from .run import Run, append_log, build_optimization, setup_run, start_outputs
+from .run import Run, append_log, backward_and_step, build_optimization, setup_run, start_outputs
 from .step import PairStep
 
 
@@ -85,43 +85,21 @@ class OfflinePairsTrainer:
         self._print_derived()
 
     def _resume(self) -> bool:
-        """Load the checkpoint ``resume_from_checkpoint`` names; ``latest`` falls back to the newest checkpoint that
-        verifies and loads, naming each one it skipped."""
-        cfg, acc = self.cfg, self.accelerator
-        candidates = ck.resume_candidates(self.output_dir, cfg.resume_from_checkpoint)
-        if cfg.resume_from_checkpoint == "latest" and not candidates:
-            acc.print(f"resume_from_checkpoint=latest: no checkpoint in {self.output_dir}; starting fresh")
+        """Load the checkpoint ``resume_from_checkpoint`` names (``latest`` falls back to older ones)."""
+        st = ck.resume_state(
+            self.accelerator, self.run.unet, self.output_dir, self.cfg.resume_from_checkpoint
+        )
+        if st is None:
             return False
-        for path in candidates:
-            try:
-                ck.verify_checkpoint(path)
-                acc.load_state(str(path))
-                st = ck.load_train_state(path)
-                bad = next(
-                    (n for n, p in self.run.unet.named_parameters() if not torch.isfinite(p).all()), None
-                )
-                if bad is not None:  # e.g. a checkpoint written before file digests existed, damaged since
-                    raise TrainingError(f"checkpoint {path}: weight {bad} holds NaN/inf values")
-            except Exception as err:  # noqa: BLE001 - any failure to load means: this checkpoint is unusable
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                if cfg.resume_from_checkpoint != "latest":
-                    raise TrainingError(f"cannot resume from {path}: {reason}") from err
-                acc.print(f"skipping checkpoint {path}: {reason}")
-                continue
-            self.global_step, self.epoch, self.batches_in_epoch = (
-                st["global_step"],
-                st["epoch"],
-                st["batches_in_epoch"],
-            )
-            acc.print(
-                f"resumed from {path} at step {self.global_step} (epoch {self.epoch}, batch {self.batches_in_epoch})"
-            )
-            return True
-        if candidates:
-            acc.print(
-                f"resume_from_checkpoint=latest: no loadable checkpoint in {self.output_dir}; starting fresh"
-            )
-        return False
+        self.global_step, self.epoch, self.batches_in_epoch = (
+            st["global_step"],
+            st["epoch"],
+            st["batches_in_epoch"],
+        )
+        self.accelerator.print(
+            f"resumed from {st['path']} at step {self.global_step} (epoch {self.epoch}, batch {self.batches_in_epoch})"
+        )
+        return True
 
     def _print_derived(self) -> None:
         cfg, acc, spec = self.cfg, self.accelerator, self.spec
@@ -156,11 +134,6 @@ class OfflinePairsTrainer:
         """Per-pair loss ``[B]`` and metrics for one micro-batch."""
         return self.step_fn(batch, int(batch.get("epoch", self.epoch)))
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        """Whether every process's loss is finite (gathered, so all processes take the same branch)."""
-        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-        return not bool(self.accelerator.gather(bad).sum() > 0)
-
     # ---- loop ------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -192,25 +165,13 @@ class OfflinePairsTrainer:
                 self.data.count(batch)
                 with acc.accumulate(unet):
                     loss, metrics = self.compute_loss(batch)
-                    finite = self._finite(loss)
-                    if finite:
-                        acc.backward(loss.mean())
-                    elif cfg.nonfinite_loss == "error":
-                        raise TrainingError(
-                            f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}, batch "
-                            f"{self.batches_in_epoch}): stopping; lower the learning rate, check the data, or set "
-                            "nonfinite_loss skip to drop such steps"
-                        )
-                    else:
+                    where = f"step {self.global_step + 1} (epoch {self.epoch}, batch {self.batches_in_epoch})"
+                    finite = backward_and_step(self.run, loss, self.optimizer, self.lr_scheduler, where)
+                    if not finite:
                         self.skipped_nonfinite += 1
                         acc.print(
                             f"non-finite loss at step {self.global_step + 1}: update skipped ({self.skipped_nonfinite} so far)"
                         )
-                    if acc.sync_gradients and cfg.max_grad_norm > 0 and finite:
-                        acc.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()  # parameters without gradient (a skipped step) are left as they are
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
                 self.batches_in_epoch += 1
                 if finite:  # metrics are gathered across processes before they become Python numbers
                     for k, v in {"loss": loss, **metrics}.items():

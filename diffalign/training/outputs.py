@@ -141,8 +141,9 @@ def export(run: Run, metrics: dict, data_description: dict) -> Path:
     return target
 
 
-def evaluate(run: Run) -> dict | None:
-    """Base vs aligned on the evaluation split's prompts, same seeds; writes ``<out>/eval.json``."""
+def evaluate(run: Run, prompts: list[str] | None = None, prompt_source: str | None = None) -> dict | None:
+    """Base vs aligned on the evaluation split's prompts (or the given held-out ``prompts``), same seeds; writes
+    ``<out>/eval.json``."""
     cfg, acc = run.cfg, run.accelerator
     result = None
     if acc.is_main_process:
@@ -161,6 +162,8 @@ def evaluate(run: Run) -> dict | None:
             reward=cfg.eval_reward,
             batch_size=cfg.eval_batch_size,
             output_dir=run.output_dir,
+            prompts=prompts,
+            prompt_source=prompt_source,
         )
     acc.wait_for_everyone()
     return result

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
 from ..config import to_dict
+from ..errors import TrainingError
 from ..models import lora as lora_lib
 from ..models import pipeline as mp
 from ..objectives.registry import ObjectiveSpec
@@ -150,6 +151,33 @@ def build_optimization(run: Run, effective_batch: int):
         num_training_steps=cfg.max_train_steps * n,
     )
     return optimizer, scheduler, lr, sum(p.numel() for p in params)
+
+
+def all_finite(run: Run, loss: torch.Tensor) -> bool:
+    """Whether every process's loss is finite (gathered, so all processes take the same branch)."""
+    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+    return not bool(run.accelerator.gather(bad).sum() > 0)
+
+
+def backward_and_step(run: Run, loss: torch.Tensor, optimizer, lr_scheduler, where: str) -> bool:
+    """One micro-batch's update inside ``accelerator.accumulate``: backward of ``loss.mean()``, clipping and the
+    optimizer/schedule step at accumulation boundaries. A non-finite loss on any process stops the run naming
+    ``where`` (``nonfinite_loss: error``) or skips this micro-batch's gradient (``skip``; returns ``False``)."""
+    cfg, acc = run.cfg, run.accelerator
+    finite = all_finite(run, loss)
+    if finite:
+        acc.backward(loss.mean())
+    elif cfg.nonfinite_loss == "error":
+        raise TrainingError(
+            f"non-finite loss at {where}: stopping; lower the learning rate, check the data, or set "
+            "nonfinite_loss skip to drop such steps"
+        )
+    if acc.sync_gradients and cfg.max_grad_norm > 0 and finite:
+        acc.clip_grad_norm_(run.unet.parameters(), cfg.max_grad_norm)
+    optimizer.step()  # parameters without gradient (a skipped step) are left as they are
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 def register_lora_hooks(run: Run) -> None:
