@@ -174,3 +174,18 @@ def test_each_online_method_raises_its_reward_on_held_out_prompts(tmp_path, obje
     prompts = eval_prompt_set("sandbox-grammar", 48, seed=0)
     base, tuned = _mean_reward(out, prompts, list(range(48)))
     assert tuned - base > 0.1, (base, tuned)
+
+
+def test_plot_online_curves_draws_both_panels(tmp_path):
+    from diffalign.eval.plots import plot_online_curves
+
+    rows = [{"epoch": 0, "heldout/overall": 0.40}] + [
+        {
+            "epoch": e,
+            "train/reward_mean": 0.1 * e,
+            **({"heldout/overall": 0.4 + 0.01 * e} if e % 2 == 0 else {}),
+        }
+        for e in range(1, 7)
+    ]
+    path = plot_online_curves({"prdp": rows, "ddpo": rows[:3]}, tmp_path / "c.png", smooth=3)
+    assert path.is_file() and path.stat().st_size > 5000

@@ -129,3 +129,35 @@ def plot_dreambench(
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_online_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, smooth: int = 10) -> Path:
+    """Online training curves, one line per run: the training reward per epoch (moving average over ``smooth``
+    epochs, raw values faint) on the left, the held-out evaluation score (``heldout/overall``, logged every
+    ``track_every`` epochs) on the right. ``runs``: ``{label: rows of train_log.jsonl}``."""
+    plt = _pyplot()
+    fig, (ax_r, ax_h) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, rows) in enumerate(runs.items()):
+        color = f"C{i}"
+        train = [(r["epoch"], r["train/reward_mean"]) for r in rows if "train/reward_mean" in r]
+        if train:
+            e, v = (np.asarray(x, dtype=float) for x in zip(*train))
+            ax_r.plot(e, v, color=color, alpha=0.2, linewidth=0.8)
+            k = max(1, min(smooth, len(v)))
+            avg = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax_r.plot(e[k - 1 :], avg, color=color, label=label)
+        held = [(r["epoch"], r["heldout/overall"]) for r in rows if "heldout/overall" in r]
+        if held:
+            e, v = zip(*held)
+            ax_h.plot(e, v, "o-", color=color, label=label)
+    ax_r.set(xlabel="epoch", ylabel="training reward (mean of the epoch's samples)", title="training reward")
+    ax_h.set(xlabel="epoch", ylabel="held-out judge overall (mean)", title="held-out prompts, fixed seeds")
+    for ax in (ax_r, ax_h):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
