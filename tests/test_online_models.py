@@ -184,13 +184,6 @@ def test_sd1_training_sampler_guides_as_the_diffusers_pipeline(tiny, tmp_path):
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loop bug: OnlineTrainer._unet_kwargs guides SDXL with encode_prompts(['']) as the unconditional input, "
-    "but StableDiffusionXLPipeline (force_zeros_for_empty_prompt=True, negative_prompt None) uses all-zero "
-    "prompt_embeds and pooled embeds: the training trajectories are sampled from another CFG distribution than the "
-    "one validation, evaluation and inference sample from",
-)
 def test_sdxl_training_sampler_guides_as_the_diffusers_pipeline(tiny, tmp_path):
     ours, stock = _guided_predictions(tiny, "sdxl", tmp_path / "run")
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)

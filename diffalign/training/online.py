@@ -140,7 +140,7 @@ class OnlineTrainer:
         self.eta = 1.0 if cfg.sampler == "ddpm" else cfg.sample_eta  # DDPM's variance is DDIM's with eta 1
         self.trainable_steps = torch.nonzero(self.schedule.trainable(self.alphas_cumprod.cpu())).flatten()
         self.steps_trained = max(1, round(cfg.timestep_fraction * len(self.trainable_steps)))
-        self.empty_text = mp.encode_prompts(comps, [""])
+        self.empty_text = self._unconditional_text()
         self.reward_fn = reward_function(cfg.reward, acc.device)
         st = ck.resume_state(acc, run.unet, self.output_dir, cfg.resume_from_checkpoint)
         if st is not None:
@@ -177,6 +177,22 @@ class OnlineTrainer:
         )
 
     # ---- conditioning ------------------------------------------------------------------------------------------
+    def _unconditional_text(self) -> dict[str, torch.Tensor]:
+        """The unguided branch's text input, as the model's own diffusers pipeline builds it: SD1.x encodes "";
+        SDXL pipelines with ``force_zeros_for_empty_prompt`` (the default) use all-zero embeddings instead, and the
+        samples of training must come from the distribution validation, evaluation and users sample from."""
+        empty = mp.encode_prompts(self.comps, [""])
+        if self.comps.sdxl:
+            index = Path(self.comps.model_path) / "model_index.json"
+            force = (
+                json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)
+                if index.is_file()
+                else True
+            )
+            if force:
+                empty = {k: torch.zeros_like(v) for k, v in empty.items()}
+        return empty
+
     def _unet_kwargs(self, text: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
         """Conditional and unconditional UNet keyword inputs for these rows."""
         n = next(iter(text.values())).shape[0]
