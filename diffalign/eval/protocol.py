@@ -50,8 +50,11 @@ def reward_score_fn(name: str) -> Callable[[np.ndarray, list[str]], dict[str, np
     def fn(images, prompts):
         out = reward.score_aspects(images, prompts)
         out = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
-        if "overall" not in out and len(out) == 1:
-            out = {"overall": next(iter(out.values()))}
+        if "overall" not in out:
+            if len(out) == 1:
+                out = {"overall": next(iter(out.values()))}
+            else:  # e.g. a combined reward: its components and its own name; the total decides
+                out["overall"] = reward.score(images, prompts).detach().float().cpu().numpy()
         return out
 
     return fn
