@@ -436,7 +436,9 @@ class OnlineTrainer:
             steps=cfg.eval_steps, guidance=cfg.eval_guidance, batch_size=cfg.eval_batch_size, desc="held-out",
         )  # fmt: skip
         unet.train(was_training)
-        return {f"heldout/{k}": float(np.mean(v)) for k, v in score(images, prompts).items()}
+        scores = {k: np.asarray(v, dtype=float) for k, v in score(images, prompts).items()}
+        # per-attribute aspects are undefined (NaN) for prompts that do not name the attribute
+        return {f"heldout/{k}": float(np.nanmean(v)) for k, v in scores.items() if np.isfinite(v).any()}
 
     def save_checkpoint(self) -> Path:
         state = {
