@@ -103,8 +103,9 @@ def test_exported_lora_loads_in_stock_diffusers_and_changes_samples(tmp_path):
 def test_two_processes_reproduce_the_one_process_run(tmp_path):
     """Prompts are sharded and every trajectory's noise is keyed by its global row: two processes sample exactly what
     one does, and with half the prompts per micro-batch each, their averaged gradient is the one-process gradient.
-    Stated tolerance: the first epoch's rewards equal to 1e-6 (same weights), later ones and the weights within a
-    small tolerance (float summation order, amplified by Adam's near-sign first steps)."""
+    Stated tolerance: the first epoch's mean reward within 1e-4 (same weights and noise; a UNet call over 4 rows
+    instead of 8 sums in another order, ~2e-5 after 4 steps and the VAE), later ones and the weights within a small
+    tolerance (that difference, amplified by Adam's near-sign first steps)."""
     one, two = tmp_path / "one", tmp_path / "two"
     run(small(one, "--train_batch_size", "4", epochs=3))
     config = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
@@ -112,7 +113,7 @@ def test_two_processes_reproduce_the_one_process_run(tmp_path):
     proc = run(small(two, "--train_batch_size", "2", epochs=3), launcher=launcher)
     assert "2 (2 prompts each per epoch)" in proc.stdout
     r1, r2 = log_rows(one), log_rows(two)
-    assert abs(r1[0]["train/reward_mean"] - r2[0]["train/reward_mean"]) < 1e-6
+    assert abs(r1[0]["train/reward_mean"] - r2[0]["train/reward_mean"]) < 1e-4
     assert max(abs(a["train/reward_mean"] - b["train/reward_mean"]) for a, b in zip(r1, r2)) < 2e-2
     a, b = lora(one), lora(two)
     num = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
