@@ -144,7 +144,7 @@ def test_training_on_the_judge_warns_that_it_is_a_ceiling(tmp_path):
 
 
 def _mean_reward(out, prompts, seeds):
-    """The training reward (sandbox-vp-score) of the base and of the trained LoRA on fixed prompts and seeds."""
+    """The training reward (the defaults' sandbox-vp-onpolicy) of the base and the trained LoRA on fixed prompts and seeds."""
     from diffusers import StableDiffusionPipeline
 
     from diffalign.eval.compare import adapters_disabled, generate
@@ -156,7 +156,7 @@ def _mean_reward(out, prompts, seeds):
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out / "lora"))
-    reward = load_reward("sandbox-vp-score")
+    reward = load_reward("sandbox-vp-onpolicy")
     with adapters_disabled(pipe):
         base = generate(pipe, prompts, seeds, steps=10, guidance=5.0)
     tuned = generate(pipe, prompts, seeds, steps=10, guidance=5.0)
@@ -190,3 +190,23 @@ def test_plot_online_curves_draws_both_panels(tmp_path):
     ]
     path = plot_online_curves({"prdp": rows, "ddpo": rows[:3]}, tmp_path / "c.png", smooth=3)
     assert path.is_file() and path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("config", ["sandbox_prdp.yaml", "sandbox_ddpo.yaml"])
+def test_online_defaults_train_on_a_learned_reward_that_ranks_base_samples(config):
+    """The defaults never train on the judge that evaluates them: their reward is a learned catalog model whose
+    recorded held-out agreement with the judge on pairs of base-model samples is above chance (Wilson lower bound)."""
+    import yaml
+
+    from diffalign.rewards import load_reward
+    from diffalign.rewards.catalog import load_manifest
+
+    name = yaml.safe_load((REPO / "configs" / config).read_text())["reward"]
+    manifest = load_manifest(name)
+    assert manifest["kind"] == "multi_aspect" and "judge" not in name
+    metrics = json.loads((REPO / "reward_models" / name / "metrics.json").read_text())
+    overall = metrics["held_out"]["model"]["overall"]
+    assert overall["n"] >= 200 and overall["ci_low"] > 0.5, overall
+    images = (np.random.default_rng(0).random((4, 32, 32, 3)) * 255).astype(np.uint8)
+    scores = load_reward(name).score(images, ["a red circle"] * 4)
+    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
