@@ -18,47 +18,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from diffalign.config import TrainConfig, parse_config  # noqa: E402  (light: no torch until the config is valid)
-from diffalign.errors import ConfigError, TrainingError  # noqa: E402
+from diffalign.cli import main_for_people, run_training  # noqa: E402  (light: no torch until the config is valid)
+from diffalign.config import TrainConfig  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sandbox_dpo.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    cfg = parse_config(TrainConfig, argv)
-    cfg.check_paths()
-
-    from diffalign.training.offline import OfflinePairsTrainer  # heavy: torch, diffusers, accelerate
-
-    trainer = OfflinePairsTrainer(cfg)
-    trainer.setup()
-    summary = trainer.train()
-    result = None if cfg.skip_eval else trainer.evaluate()
-    metrics = {"final_train": summary["history"][-1] if summary["history"] else {}, "eval": result}
-    target = trainer.export(metrics)
-    trainer.accelerator.print(
-        f"done: weights in {target}, logs in {cfg.output_dir}/logs, model card {cfg.output_dir}/README.md"
-    )
-    trainer.end()
-    return {"summary": summary, "eval": result, "weights": str(target)}
+    return run_training(TrainConfig, "diffalign.training.offline:OfflinePairsTrainer", DEFAULT_CONFIG, argv)
 
 
 def cli() -> None:
     """``main`` with errors for people: one line and exit code 2 (config) or 1 (training), unless ``--debug``."""
-    debug = "--debug" in sys.argv[1:]
-    try:
-        main()
-    except (ConfigError, TrainingError, FileNotFoundError) as err:
-        if debug:
-            raise
-        kind = (
-            "configuration error" if isinstance(err, (ConfigError, FileNotFoundError)) else "training stopped"
-        )
-        print(f"{kind}: {err} (--debug for the traceback)", file=sys.stderr)
-        raise SystemExit(2 if kind == "configuration error" else 1) from None
+    main_for_people(main)
 
 
 if __name__ == "__main__":
