@@ -289,13 +289,45 @@ class OnlineTrainer:
         perm = torch.randperm(len(self.trainable_steps), generator=g)[: self.steps_trained]
         return self.trainable_steps[perm.sort().values]
 
+    def trajectory_inputs(
+        self,
+        samples: EpochSamples,
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        advantages: torch.Tensor | None = None,
+    ) -> TrajectoryLogProbs:
+        """What the objective sees for ``rows`` of an epoch's samples at ``steps [rows, s]``: log-probs of the stored
+        transitions under the current model (with gradient when enabled) and the reference (no grad, if the spec
+        needs one), the recorded θ_old log-probs, rewards, prompt groups and advantages."""
+        acc = self.accelerator
+        text = {n: v[rows].to(acc.device) for n, v in samples.text.items()}
+        lat = samples.latents[rows]
+        kw = dict(eta=self.eta, prediction_type=self.comps.prediction_type)
+        with acc.autocast():
+            logp = ds.transition_log_probs(
+                self._model_fn(self.run.unet, text), lat, self.schedule, steps, self.alphas_cumprod, **kw
+            )
+        logp_ref = None
+        if self.spec.needs_reference:
+            with self.run.reference() as ref, acc.autocast():
+                logp_ref = ds.transition_log_probs(
+                    self._model_fn(ref, text), lat, self.schedule, steps, self.alphas_cumprod, **kw
+                ).detach()
+        return TrajectoryLogProbs(
+            log_prob=logp,
+            log_prob_old=samples.log_probs[rows].gather(1, steps).to(acc.device),
+            rewards=samples.rewards[rows].to(acc.device),
+            groups=samples.groups[rows].to(acc.device),
+            log_prob_ref=logp_ref,
+            advantages=None if advantages is None else advantages[rows].to(acc.device),
+        )
+
     def train_epoch(self, samples: EpochSamples) -> list[dict[str, torch.Tensor]]:
         cfg, acc, spec = self.cfg, self.accelerator, self.spec
         unet, n_img = self.run.unet, cfg.images_per_prompt
         advantages = self._advantages(samples)
         n_groups = len(samples.prompts) // n_img
         metrics_out: list[dict[str, torch.Tensor]] = []
-        eta, pred_type = self.eta, self.comps.prediction_type
         for k in range(cfg.updates_per_epoch):
             order = torch.randperm(
                 n_groups, generator=torch.Generator().manual_seed(pair_seed(cfg.seed, self.epoch, 7 + k))
@@ -306,29 +338,8 @@ class OnlineTrainer:
                 steps = torch.stack(
                     [self._step_choice(self.epoch, k, int(samples.groups[g * n_img])) for g in gs.tolist()]
                 ).repeat_interleave(n_img, dim=0)  # [rows, s]: shared by the images of one prompt
-                text = {n: v[rows].to(acc.device) for n, v in samples.text.items()}
-                lat = samples.latents[rows]
                 with acc.accumulate(unet):
-                    with acc.autocast():
-                        logp = ds.transition_log_probs(
-                            self._model_fn(unet, text), lat, self.schedule, steps, self.alphas_cumprod,
-                            eta=eta, prediction_type=pred_type,
-                        )  # fmt: skip
-                    logp_ref = None
-                    if spec.needs_reference:
-                        with self.run.reference() as ref, acc.autocast():
-                            logp_ref = ds.transition_log_probs(
-                                self._model_fn(ref, text), lat, self.schedule, steps, self.alphas_cumprod,
-                                eta=eta, prediction_type=pred_type,
-                            )  # fmt: skip
-                    inputs = TrajectoryLogProbs(
-                        log_prob=logp,
-                        log_prob_old=samples.log_probs[rows].gather(1, steps).to(acc.device),
-                        rewards=samples.rewards[rows].to(acc.device),
-                        groups=samples.groups[rows].to(acc.device),
-                        log_prob_ref=None if logp_ref is None else logp_ref.detach(),
-                        advantages=None if advantages is None else advantages[rows].to(acc.device),
-                    )
+                    inputs = self.trajectory_inputs(samples, rows, steps, advantages)
                     loss, metrics = spec.loss(inputs, cfg.params)
                     where = f"epoch {self.epoch}, pass {k}, micro-batch {b // cfg.train_batch_size}"
                     if not backward_and_step(self.run, loss, self.optimizer, self.lr_scheduler, where):
