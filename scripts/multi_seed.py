@@ -13,7 +13,8 @@ writes ``<output_dir>/multi_seed.json`` and ``multi_seed.md``.
     python scripts/multi_seed.py --config configs/sandbox_dpo.yaml --output_dir outputs/ms-beta1000 -- --beta 1000
 
 A seed whose ``eval.json`` already exists is not rerun (pass ``--rerun`` to force it), so an interrupted sweep
-continues where it stopped. ``--script`` selects the training entry point (default: train_diffusion_dpo.py).
+continues where it stopped. ``--script`` selects the training entry point (default: ``train_online.py`` for an
+online objective such as PRDP or DDPO, else ``train_diffusion_dpo.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--output_dir", default=None, help="default: outputs/multi-seed/<config name>")
     p.add_argument(
-        "--script", default=str(ROOT / "scripts" / "train_diffusion_dpo.py"), help="training script"
+        "--script",
+        default=None,
+        help="training script (default: train_online.py for an online objective, else train_diffusion_dpo.py)",
     )
     p.add_argument("--rerun", action="store_true", help="rerun seeds that already have an eval.json")
     args = p.parse_args(argv)
@@ -61,11 +64,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
+def _is_online(config: str) -> bool:
+    """Whether the config's objective trains with the online loop (sample, score, update)."""
+    import yaml
+
+    from diffalign.objectives.registry import get_objective
+
+    objective = (yaml.safe_load(Path(config).read_text()) or {}).get("objective", "dpo")
+    return get_objective(objective).loop == "online"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = Path(args.output_dir or ROOT / "outputs" / "multi-seed" / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    online = _is_online(args.config)
+    if args.script is None:
+        args.script = str(ROOT / "scripts" / ("train_online.py" if online else "train_diffusion_dpo.py"))
     todo = [s for s in args.seeds if args.rerun or not (out / f"seed-{s}" / "eval.json").is_file()]
     print(
         f"multi-seed: {args.config}, seeds {args.seeds} ({len(todo)} to run), {args.parallel} at a time, "
@@ -88,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                 str(s),
                 "--output_dir",
                 str(d),
-                "--cache_dir",
-                str(d / ".cache"),
+                *([] if online else ["--cache_dir", str(d / ".cache")]),
                 "--report_to",
                 "none",
                 *extra,

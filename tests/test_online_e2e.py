@@ -244,3 +244,14 @@ def test_prdp_regression_fits_the_reward_differences_of_its_samples(tmp_path):
     torch.testing.assert_close(target, target_after)  # the same pairs and targets
     corr = float(torch.corrcoef(torch.stack([pred, target]))[0, 1])
     assert after < 0.5 * before and corr > 0.5, (before, after, corr)
+
+
+def test_multi_seed_runs_online_configs_with_the_online_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multi_seed", REPO / "scripts" / "multi_seed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._is_online(str(REPO / "configs" / "sandbox_prdp.yaml"))
+    assert mod._is_online(str(REPO / "configs" / "sandbox_ddpo.yaml"))
+    assert not mod._is_online(str(REPO / "configs" / "sandbox_dpo.yaml"))
