@@ -143,23 +143,30 @@ def test_training_on_the_judge_warns_that_it_is_a_ceiling(tmp_path):
     assert "ceiling" in proc.stderr
 
 
+def one_epoch_trainer(tmp_path, objective: str):
+    """An OnlineTrainer set up from the objective's sandbox config for one epoch of 8 prompts x 4 images, 25 passes
+    at lr 1e-3 with the proximal / PPO clip opened (clip_range 1); its samples, and all rows x every trained step."""
+    from diffalign.config import OnlineConfig, parse_config
+    from diffalign.training.online import OnlineTrainer
+
+    args = small(tmp_path / "run", "--objective", objective, "--prompts_per_epoch", "8", "--images_per_prompt", "4",
+                 "--train_batch_size", "8", "--updates_per_epoch", "25", "--learning_rate", "1e-3",
+                 "--clip_range", "1", epochs=1)  # fmt: skip
+    cfg = parse_config(OnlineConfig, ["--config", str(REPO / "configs" / f"sandbox_{objective}.yaml"), *args])
+    trainer = OnlineTrainer(cfg)
+    trainer.setup()
+    samples, _ = trainer.sample_epoch(0)
+    rows = torch.arange(len(samples.prompts))
+    return trainer, samples, rows, trainer.trainable_steps.unsqueeze(0).expand(len(rows), -1)
+
+
 def test_ddpo_raises_the_likelihood_of_its_better_samples(tmp_path):
     """DDPO's effect on what it optimises: after passes over one epoch's samples, the trajectories with positive
     advantage have gained log-likelihood relative to θ_old and those with negative advantage lost it (correlation of
     the mean per-step log-ratio with the advantage > 0.5). The PPO clip is opened (clip_range 1) so that many passes
     can move; every step is scored. (A 30-epoch held-out version at lr 2e-3 collapsed the reward: README.)"""
-    from diffalign.config import OnlineConfig, parse_config
-    from diffalign.training.online import OnlineTrainer
-
-    args = small(tmp_path / "run", "--objective", "ddpo", "--prompts_per_epoch", "8", "--images_per_prompt", "4",
-                 "--train_batch_size", "8", "--updates_per_epoch", "25", "--learning_rate", "1e-3",
-                 "--clip_range", "1", epochs=1)  # fmt: skip
-    cfg = parse_config(OnlineConfig, ["--config", str(REPO / "configs" / "sandbox_ddpo.yaml"), *args])
-    trainer = OnlineTrainer(cfg)
-    trainer.setup()
-    samples, _ = trainer.sample_epoch(0)
-    rows = torch.arange(len(samples.prompts))
-    steps = trainer.trainable_steps.unsqueeze(0).expand(len(rows), -1)
+    trainer, samples, rows, steps = one_epoch_trainer(tmp_path, "ddpo")
+    cfg = trainer.cfg
     adv = trainer.spec.prepare_rewards(samples.rewards, samples.prompts, cfg.params, {})
     trainer.train_epoch(samples)
     with torch.no_grad():
@@ -174,18 +181,10 @@ def test_prdp_regression_fits_the_reward_differences_of_its_samples(tmp_path):
     differences r̂_a − r̂_b of same-prompt pairs follow the targets (r_a − r_b)/β: the loss falls well below its value
     at the base (where every r̂ is 0) and the predicted differences correlate with the targets. The proximal clip is
     opened (clip_range 1) so that many passes can move away from θ_old; every step is scored."""
-    from diffalign.config import OnlineConfig, parse_config
     from diffalign.objectives.prdp import prdp_loss
-    from diffalign.training.online import OnlineTrainer
 
-    args = small(tmp_path / "run", "--prompts_per_epoch", "8", "--images_per_prompt", "4", "--train_batch_size", "8",
-                 "--updates_per_epoch", "25", "--learning_rate", "1e-3", "--clip_range", "1", epochs=1)  # fmt: skip
-    cfg = parse_config(OnlineConfig, ["--config", str(REPO / "configs" / "sandbox_prdp.yaml"), *args])
-    trainer = OnlineTrainer(cfg)
-    trainer.setup()
-    samples, _ = trainer.sample_epoch(0)
-    rows = torch.arange(len(samples.prompts))
-    steps = trainer.trainable_steps.unsqueeze(0).expand(len(rows), -1)
+    trainer, samples, rows, steps = one_epoch_trainer(tmp_path, "prdp")
+    cfg = trainer.cfg
 
     def fit():
         with torch.no_grad():
