@@ -235,7 +235,13 @@ class TrainConfig(CommonConfig):
     random_crop: bool = _help("random instead of centre crop (same crop for both images of a pair)", False)
     random_flip: bool = _help("random horizontal flip (same flip for both images of a pair)", True)
     prompt_dropout: float = _help("probability of replacing a caption by '' (official code: 0.2)", 0.0)
-    use_cache: bool = _help("precompute VAE latents and text embeddings once into on-disk shards", True)
+    use_cache: bool = _help("cache VAE latents and text embeddings on disk (see cache_mode)", True)
+    cache_mode: str = _help(
+        "'lazy': record each pair's encoding the first time training meets it and read it back later (never "
+        "slower than encoding on the fly); 'upfront': encode the whole split, both orientations, before the "
+        "first step",
+        "lazy",
+    )
     cache_dir: str | None = _help("where caches live (default: <output_dir>/../.cache/diffalign)", None)
     cache_batch_size: int = _help(
         "pairs per encoder call while building the cache (4 images each: winner, loser, both flipped); "
@@ -248,6 +254,12 @@ class TrainConfig(CommonConfig):
         "float16",
     )
     dataloader_num_workers: int = _help("data-loading worker processes", 0)
+    reference_cache: bool = _help(
+        "store the frozen reference's per-image errors (keyed by model, data, seed, epoch and pair) next to the "
+        "latent cache and reuse them in later runs with the same key: they skip the reference forward "
+        "(beta / lr / loss-type sweeps, reruns, resumes); exact, and free to fill",
+        True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -260,6 +272,7 @@ class TrainConfig(CommonConfig):
             )
         _check_choice("tie_policy", self.tie_policy, ("drop", "keep"))
         _check_choice("cache_dtype", self.cache_dtype, ("float16", "float32"))
+        _check_choice("cache_mode", self.cache_mode, ("lazy", "upfront"))
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ConfigError(f"config field prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.streaming and self.use_cache:

@@ -37,7 +37,9 @@ def test_first_losses_of_the_default_run_are_unchanged_by_the_refactor(tmp_path,
                           timeout=900, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(x)["train/loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert losses == PINNED[objective]
+    # Bit for bit with the library versions of the refactor; newer torch/diffusers kernels move the last digits
+    # (torch 2.14.1 gives 0.6901321 for DPO's third loss instead of 0.6901312), hence the 1e-5 tolerance.
+    assert losses == pytest.approx(PINNED[objective], rel=1e-5, abs=0)
     if objective == "dpo":
         # LoRA's B matrices start at zero: policy == reference, every margin is 0, and -log sigma(0) = log 2
         assert losses[0] == pytest.approx(math.log(2.0), abs=1e-7)

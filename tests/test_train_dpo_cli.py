@@ -152,16 +152,24 @@ def test_two_processes_reproduce_the_one_process_loss_curve(tiny, tmp_path):
     assert num / den < 0.05, float(num / den)
 
 
-def test_cached_latents_train_like_on_the_fly_encoding_and_are_reused(tiny, tmp_path):
-    common = ("--checkpointing_steps", "0", "--max_train_steps", "4", "--cache_dir", str(tmp_path / "cache"))
+@pytest.mark.parametrize("mode", ["upfront", "lazy"])
+def test_cached_latents_train_like_on_the_fly_encoding_and_are_reused(tiny, tmp_path, mode):
+    common = ("--checkpointing_steps", "0", "--max_train_steps", "4", "--cache_dir", str(tmp_path / "cache"),
+              "--reference_cache", "false")  # fmt: skip
     _run(_args(tiny["sd"], tiny["data"], tmp_path / "fly", *common))
-    first = _run(_args(tiny["sd"], tiny["data"], tmp_path / "c1", *common, "--use_cache", "true"))
-    second = _run(_args(tiny["sd"], tiny["data"], tmp_path / "c2", *common, "--use_cache", "true"))
-    assert "(cached latents)" in first.stdout
-    assert "latent cache: reusing" in second.stdout and "latent cache: reusing" not in first.stdout
-    # Same pairs, flips, timesteps and noise; cached latents are stored in float16, hence the tolerance.
+    cached = (*common, "--use_cache", "true", "--cache_mode", mode)
+    first = _run(_args(tiny["sd"], tiny["data"], tmp_path / "c1", *cached))
+    second = _run(_args(tiny["sd"], tiny["data"], tmp_path / "c2", *cached))
     fly, c1, c2 = _losses(tmp_path / "fly"), _losses(tmp_path / "c1"), _losses(tmp_path / "c2")
-    assert c1 == c2
+    if mode == "upfront":
+        assert "(cached latents)" in first.stdout
+        assert "latent cache: reusing" in second.stdout and "latent cache: reusing" not in first.stdout
+        assert c1 == c2
+    else:  # 4 steps x 4 pairs: the first run encodes all 16 and records them, the second reads them all
+        assert "latent cache (lazy): 0 of 16 examples read, 16 encoded" in first.stdout
+        assert "latent cache (lazy): 16 of 16 examples read, 0 encoded" in second.stdout
+        assert c1 == c2  # the filling run trains on the stored (rounded) values, as the reading run does
+    # Same pairs, flips, timesteps and noise; cached latents are stored in float16, hence the tolerance.
     assert max(abs(a - b) for a, b in zip(fly, c1)) < 1e-2, (fly, c1)
 
 

@@ -158,6 +158,28 @@ NOISINGS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 }
 
 
+def reference_error_inputs(spec: Any, params: Any) -> dict[str, Any] | None:
+    """What the reference's error of an image depends on besides the data, the seed and the schedule — the
+    timestep distribution, the noising and the error space with the hyperparameters they read — or ``None`` when
+    the noised input depends on the trained model (then no reference error can be stored and reused:
+    :mod:`diffalign.training.reference_cache`). Loss-only hyperparameters (β, loss type, label smoothing) are not
+    part of it, so sweeps over them share stored reference errors."""
+    out: dict[str, Any] = {
+        "timesteps": spec.timesteps,
+        "grid": list(getattr(params, "timestep_grid", None) or []),
+        "noising": spec.noising,
+        "error_space": spec.error_space,
+        "error_weighting": getattr(params, "error_weighting", "none"),
+    }
+    if spec.noising == "gaussian":
+        return out
+    if spec.noising == "ddim_inversion":
+        if params.inversion_model != "reference":
+            return None
+        return {**out, "inversion_steps": params.inversion_steps, "inversion_eta": params.inversion_eta}
+    return None  # a noising this function does not know: do not cache
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # error spaces
 

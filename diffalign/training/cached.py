@@ -42,6 +42,8 @@ def build_cached_data(cfg, comps: mp.Components, accelerator, pairs, info: dict)
             "random_crop=True cannot be used with use_cache=True (the cache stores centre crops, flipped and not); "
             "set random_crop false or use_cache false"
         )
+    if getattr(cfg, "cache_mode", "upfront") == "lazy":
+        return build_lazy_data(cfg, comps, accelerator, pairs, info)
     root = default_cache_root(cfg)
     with (
         accelerator.main_process_first()
@@ -70,3 +72,24 @@ def build_cached_data(cfg, comps: mp.Components, accelerator, pairs, info: dict)
     }
     # The cache's stats: the dataset's filtering plus the rows whose images failed while the cache was encoded.
     return TrainData(loader, sampler, len(cached), True, cached, info)
+
+
+def build_lazy_data(cfg, comps: mp.Components, accelerator, pairs, info: dict) -> TrainData:
+    """Pairs through a :class:`~diffalign.data.lazy_cache.LatentStore` filled as training goes (``cache_mode:
+    lazy``): the batches carry stored encodings where they exist and pixels elsewhere; the step completes them
+    (:meth:`LatentStore.complete`)."""
+    from ..data.cache import cache_key, key_digest
+    from ..data.lazy_cache import LAYOUT, LatentStore, LazyCachedPairs, collate_lazy
+
+    dtype = getattr(torch, cfg.cache_dtype)
+    key = {**cache_key(pairs, encoder_id(comps), dtype), "flips": "as drawn", "layout": LAYOUT}
+    directory = default_cache_root(cfg) / f"latents-{key_digest(key)[:16]}"
+    store = LatentStore(directory, key, rank=accelerator.process_index, storage_dtype=dtype)
+    accelerator.print(f"latent cache (lazy): {len(store):,} encoded pairs stored in {directory}")
+    dataset = LazyCachedPairs(pairs, store, random_flip=cfg.random_flip, seed=cfg.seed)
+    loader, sampler = epoch_loader(dataset, cfg, collate_lazy)
+    info = {**info, "cache": str(directory), "cache_mode": "lazy", "cache_dtype": cfg.cache_dtype,
+            "cache_pairs_at_start": len(store)}  # fmt: skip
+    data = TrainData(loader, sampler, len(pairs), True, pairs, info)
+    data.latent_store = store
+    return data

@@ -32,6 +32,7 @@ class TrainData:
     info: dict = field(default_factory=dict)
     used: int = 0
     _skipped: dict = field(default_factory=dict)
+    latent_store: Any = None  # cache_mode lazy: the store the step completes batches from and records into
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:

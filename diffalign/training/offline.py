@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..models import pipeline as mp
 from ..objectives.registry import get_objective
 from . import checkpoint as ck
-from . import outputs
+from . import outputs, reference_cache
 from .data import build_train_data
 from .run import Run, append_log, backward_and_step, build_optimization, setup_run, start_outputs
 from .step import PairStep
@@ -79,6 +79,10 @@ class OfflinePairsTrainer:
             timestep_grid=getattr(cfg.params, "timestep_grid", None),
             **_inverse_schedule(comps.noise_scheduler),
         )
+        self.step_fn.latent_store = self.data.latent_store
+        self.step_fn.reference_errors = reference_cache.build_for_run(
+            cfg, run, self.data, self.spec, self.step_fn
+        )
         self.global_step, self.epoch, self.batches_in_epoch = 0, 0, 0
         resumed = self._resume()
         start_outputs(run, resumed, tracker_project=f"diffalign-{self.spec.name}")
@@ -116,7 +120,8 @@ class OfflinePairsTrainer:
                     f"space, reference {'yes' if spec.needs_reference else 'no'}, "
                     f"{'winner and loser' if spec.uses_losers else 'winners only'}",
                     f"fine-tuning      {cfg.finetune}: {self.num_trainable:,} trainable parameters; attention {self.run.attention}",
-                    f"data             {n:,} usable pairs ({'cached latents' if self.data.cached else 'encoded on the fly'})",
+                    f"reference cache  {self._reference_cache_line()}",
+                    f"data             {n:,} usable pairs ({self._data_mode()})",
                     f"effective batch  {cfg.train_batch_size} pairs x {cfg.gradient_accumulation_steps} accumulation x "
                     f"{acc.num_processes} processes = {self.effective_batch} pairs/step",
                     f"steps            {cfg.max_train_steps} ({steps_per_epoch} steps/epoch; "
@@ -128,6 +133,21 @@ class OfflinePairsTrainer:
                 ]
             )
         )
+
+    def _data_mode(self) -> str:
+        if self.data.latent_store is not None:
+            return f"latent cache filled as training goes: {len(self.data.latent_store):,} pairs stored"
+        return "cached latents" if self.data.cached else "encoded on the fly"
+
+    def _reference_cache_line(self) -> str:
+        stored = self.step_fn.reference_errors
+        if stored is None:
+            if not self.spec.needs_reference:
+                return "not needed (no reference)"
+            if not self.cfg.reference_cache:
+                return "off (reference_cache false)"
+            return "not applicable (the noised input depends on the trained model, or the data is streamed)"
+        return f"{stored.stored_entries:,} stored reference errors in {stored.directory} (filled as training goes)"
 
     # ---- one step (kept as a method: tests and benchmarks call it) ---------------------------------------------------
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -215,6 +235,9 @@ class OfflinePairsTrainer:
         if not cfg.checkpointing_steps or self.global_step % cfg.checkpointing_steps:
             self.save_checkpoint()
         self.data.report(acc)
+        for store in (self.step_fn.latent_store, self.step_fn.reference_errors):
+            if store is not None:
+                acc.print(store.describe())
         if self.skipped_nonfinite:
             acc.print(f"{self.skipped_nonfinite} micro-batches had a non-finite loss and were skipped")
         return {"steps": self.global_step, "train_seconds": time.time() - t0, "history": history,
@@ -236,6 +259,9 @@ class OfflinePairsTrainer:
         path = ck.save_checkpoint(
             self.accelerator, self.output_dir, self.global_step, state, self.cfg.checkpoints_total_limit
         )
+        for store in (self.step_fn.reference_errors, self.step_fn.latent_store):  # what a resumed or later run reuses
+            if store is not None:
+                store.flush()
         self.accelerator.print(f"checkpoint written: {path}")
         return path
 

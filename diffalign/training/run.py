@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from torch.profiler import record_function
 
 from ..config import to_dict
 from ..errors import TrainingError
@@ -166,17 +167,19 @@ def backward_and_step(run: Run, loss: torch.Tensor, optimizer, lr_scheduler, whe
     cfg, acc = run.cfg, run.accelerator
     finite = all_finite(run, loss)
     if finite:
-        acc.backward(loss.mean())
+        with record_function("diffalign/backward"):
+            acc.backward(loss.mean())
     elif cfg.nonfinite_loss == "error":
         raise TrainingError(
             f"non-finite loss at {where}: stopping; lower the learning rate, check the data, or set "
             "nonfinite_loss skip to drop such steps"
         )
-    if acc.sync_gradients and cfg.max_grad_norm > 0 and finite:
-        acc.clip_grad_norm_(run.unet.parameters(), cfg.max_grad_norm)
-    optimizer.step()  # parameters without gradient (a skipped step) are left as they are
-    lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("diffalign/optimizer"):
+        if acc.sync_gradients and cfg.max_grad_norm > 0 and finite:
+            acc.clip_grad_norm_(run.unet.parameters(), cfg.max_grad_norm)
+        optimizer.step()  # parameters without gradient (a skipped step) are left as they are
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     return finite
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from ..diffusion import noise as dn
 from ..diffusion import parts
@@ -47,10 +48,21 @@ class PairStep:
     timestep_grid: tuple[int, ...] | None = None
     steps_offset: int = 0  # the scheduler's, for inverse grids (DDIMInverseScheduler)
     initial_alpha_cumprod: float | None = None
+    # stored reference errors (:mod:`.reference_cache`): a batch whose pairs are all stored skips the reference
+    reference_errors: Any = None
+    # cache_mode lazy (:mod:`diffalign.data.lazy_cache`): completes batches and records new encodings
+    latent_store: Any = None
 
     def latents_and_text(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``latents [B, 2, C, h, w]`` float32 and text embeddings ``{name: [B, ...]}`` (cached or encoded now)."""
-        if "latents" in batch:
+        if "examples" in batch:  # lazy cache: stored rows as read, the others encoded now and recorded
+            latents, text = self.latent_store.complete(
+                batch,
+                lambda pix: mp.encode_images(self.comps, pix.to(self.device)),
+                lambda captions: mp.encode_prompts(self.comps, list(captions)),
+            )
+            text = {k: v.to(self.device) for k, v in text.items()}
+        elif "latents" in batch:
             latents = batch["latents"]
             text = {k: v.to(self.device) for k, v in batch["text"].items()}
         else:  # on the fly: encode winner and loser pixels
@@ -59,22 +71,26 @@ class PairStep:
                 0, (pix.shape[0], 2)
             )
             text = mp.encode_prompts(self.comps, list(batch["captions"]))
-        return latents.to(self.device, torch.float32), text
+        # one memory layout whatever the path (a VAE may hand back channels-last latents): the UNet's kernels, hence
+        # the last bits of the loss, depend on it, and cached and on-the-fly runs must agree
+        return latents.to(self.device, torch.float32).contiguous(), text
 
     def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents, text = self.latents_and_text(batch)
+        with record_function("diffalign/encode"):
+            latents, text = self.latents_and_text(batch)
         k = 2 if self.spec.uses_losers else 1  # SFT: winners only, half the UNet work
         x0 = torch.cat([latents[:, i] for i in range(k)], dim=0)  # [kB, C, h, w]
 
-        t, noise, u = parts.pair_randomness(
-            batch["index"],
-            self.seed,
-            epoch,
-            tuple(x0.shape[1:]),
-            len(self.alphas_cumprod),
-            self.spec.timesteps,
-            self.timestep_grid,
-        )
+        with record_function("diffalign/pair_randomness"):
+            t, noise, u = parts.pair_randomness(
+                batch["index"],
+                self.seed,
+                epoch,
+                tuple(x0.shape[1:]),
+                len(self.alphas_cumprod),
+                self.spec.timesteps,
+                self.timestep_grid,
+            )
         t, noise, u = t.to(self.device), noise.to(self.device), u.to(self.device)
         if self.prompt_dropout > 0:  # replace captions by "" for a share of pairs (same for winner and loser)
             text = mc.drop_prompts(text, self.empty_text, u < self.prompt_dropout)
@@ -115,17 +131,28 @@ class PairStep:
             steps_offset=self.steps_offset,
             initial_alpha_cumprod=self.initial_alpha_cumprod,
         )
-        noisy, eps = parts.NOISINGS[self.spec.noising](x0, noise_k, tk, ctx)
+        with record_function("diffalign/noising"):
+            noisy, eps = parts.NOISINGS[self.spec.noising](x0, noise_k, tk, ctx)
         error = parts.ERROR_SPACES[self.spec.error_space]
         weighting = getattr(self.params, "error_weighting", "none")
 
-        pred = self.unet(noisy.to(self.weight_dtype), tk, **kwargs).sample
-        model_err = error(pred, x0, eps, noisy, tk, ctx, weighting)
+        with record_function("diffalign/policy_forward"):
+            pred = self.unet(noisy.to(self.weight_dtype), tk, **kwargs).sample
+            model_err = error(pred, x0, eps, noisy, tk, ctx, weighting)
         ref_err = None
         if self.spec.needs_reference:
-            with self.reference() as ref, self.autocast():
-                ref_pred = ref(noisy.to(self.weight_dtype), tk, **kwargs).sample
-            ref_err = error(ref_pred, x0, eps, noisy, tk, ctx, weighting)
+            stored = self.reference_errors
+            if stored is not None:
+                ref_err = stored.lookup(epoch, batch["index"])
+            if ref_err is None:
+                with record_function("diffalign/reference_forward"):
+                    with self.reference() as ref, self.autocast():
+                        ref_pred = ref(noisy.to(self.weight_dtype), tk, **kwargs).sample
+                    ref_err = error(ref_pred, x0, eps, noisy, tk, ctx, weighting)
+                if stored is not None:
+                    stored.add(epoch, batch["index"], ref_err)
+            else:
+                ref_err = ref_err.to(model_err.device)
 
         label = batch.get("label_w")
         inputs = PairErrors(
@@ -133,7 +160,8 @@ class PairStep:
             *_split(ref_err, k),
             label_w=None if label is None else label.to(self.device),
         )
-        return self.spec.loss(inputs, self.params)
+        with record_function("diffalign/loss"):
+            return self.spec.loss(inputs, self.params)
 
 
 def _select_rows(kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
