@@ -1,15 +1,28 @@
 #!/usr/bin/env python
-"""Training throughput (pairs/s) and peak memory of Diffusion-DPO with and without the latent/text caches.
+"""Whole-process training throughput of diffalign's Diffusion-DPO, cold and with its caches reused, against the
+public diffusers research script at equal settings.
 
-    python scripts/benchmark_throughput.py                       # CPU-sized default, prints a table, writes JSON
-    python scripts/benchmark_throughput.py --resolution 512 --width 1.0 --steps 20 --batch 4   # real SD1.5 shapes (GPU)
+    python scripts/benchmark_throughput.py                               # the sandbox, 50 steps of 32 pairs
+    python scripts/benchmark_throughput.py --reference_script PATH/train_diffusion_dpo.py   # + the public script
+    python scripts/benchmark_throughput.py --model sd15-shaped --resolution 256 --width 0.25 --batch 2 --steps 12
 
-The model is SD1.5's architecture (UNet 4 levels with cross-attention, 8x VAE, CLIP text encoder) with every channel
-count multiplied by ``--width`` and randomly initialised, so that the VAE-encode / UNet cost ratio stays SD-like while
-fitting a CPU. Each setting runs the real trainer (``OfflinePairsTrainer``) in its own subprocess, so peak memory is
-that run's own (peak RSS on CPU; ``torch.cuda.max_memory_allocated`` on GPU), measured separately for set-up (model
-loading and, when it runs, the one-off cache build) and for training. pairs/s excludes the first step (warm-up).
-Three settings: caches off (encode every step, as the public scripts do), caches built in the run, caches reused.
+Every setting is one whole process of ``scripts/train_diffusion_dpo.py`` (imports, model loading, data set-up, any
+cache building, training, export) timed from start to exit, runs of all settings alternating ``--repeats`` times;
+peak memory is the process's peak RSS (``wait4``). Settings (same model, data, LoRA targets and rank, batch, steps):
+
+* ``no caches``: encode every step, reference forward every step (what the public script does);
+* ``cold``: the defaults on an empty cache directory (the lazy latent cache and the reference-error cache fill as
+  training goes);
+* ``latent cache reused``: a second run: latents and text embeddings read back, reference forward computed;
+* ``all caches reused``: latents and the reference's errors read back (a β / lr / loss-type sweep, a rerun);
+* ``public script`` (with ``--reference_script``): diffusers' ``examples/research_projects/diffusion_dpo/
+  train_diffusion_dpo.py`` on the same pipeline and Pick-a-Pic-schema data (it imports ``wandb``; install it, or
+  give a folder holding it with ``--reference_extra_path``). Its LoRA targets are fixed to the attention
+  projections, so diffalign runs with those too.
+
+``--model sd15-shaped`` builds SD1.5's architecture with channels x ``--width``, randomly initialised (VAE / UNet
+cost ratio SD-like), and synthetic pairs. Writes a table and JSON (``--out``). torch.compile is measured by
+``scripts/profile_step.py --compile`` (its one-off compile cost is the question there).
 """
 
 from __future__ import annotations
@@ -96,131 +109,129 @@ def build_pairs(path: Path, n: int, resolution: int) -> None:
     write_pickapic_dataset({"train": rows}, path)
 
 
-def _peak_cpu_mib() -> float:
-    """This process's peak resident memory since the last :func:`_reset_peak_cpu` (Linux VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+ATTENTION_TARGETS = "[to_q, to_k, to_v, to_out.0]"  # the public script's LoRA targets (fixed there)
 
 
-def _reset_peak_cpu() -> None:
-    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+def _timed(cmd: list[str], env: dict, log: Path) -> dict:
+    """Run ``cmd`` to completion: wall seconds, peak RSS (MiB) and exit code; output to ``log``."""
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "peak_rss_MiB": usage.ru_maxrss / 1024, "rc": proc.returncode}
 
 
-def run_one(model: Path, data: Path, out: Path, args, use_cache: bool) -> dict:
-    """One training run in this process (called in a subprocess by ``main``)."""
-    import torch
+def diffalign_cmd(
+    args, model: str, data: str, out: Path, cache: Path, use_cache: bool, ref_cache: bool
+) -> list:
+    return [sys.executable, str(REPO / "scripts" / "train_diffusion_dpo.py"),
+            "--pretrained_model", model, "--dataset", data, "--split", "train", "--resolution", str(args.resolution),
+            "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--lora_rank", str(args.rank),
+            "--lora_target_modules", ATTENTION_TARGETS, "--random_flip", "false", "--learning_rate", "1e-3",
+            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--output_dir", str(out),
+            "--cache_dir", str(cache), "--use_cache", str(use_cache).lower(), "--reference_cache", str(ref_cache).lower(),
+            "--checkpointing_steps", "0", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
+            "--logging_steps", str(args.steps)]  # fmt: skip
 
-    from diffalign.config import DPOConfig
-    from diffalign.training.offline import OfflinePairsTrainer
 
-    cuda = torch.cuda.is_available()
-    cfg = DPOConfig(
-        pretrained_model=str(model), dataset=str(data), resolution=args.resolution, output_dir=str(out),
-        train_batch_size=args.batch, max_train_steps=args.steps, logging_steps=args.steps - 1 if args.steps > 1 else 1,
-        checkpointing_steps=0, validation_steps=0, report_to="none", use_cache=use_cache, skip_eval=True,
-        lr_warmup_steps=0, cache_dir=str(out.parent / "cache"), random_flip=False,
-        cache_batch_size=args.cache_batch,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    trainer = OfflinePairsTrainer(cfg)
-    trainer.setup()
-    setup_s = time.perf_counter() - t0
-    setup_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_cpu_mib()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_cpu()
-    summary = trainer.train()
-    last = summary["history"][-1]
-    train_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_cpu_mib()
-    return {
-        "use_cache": use_cache,
-        "cache_reused": bool(trainer.data.info.get("cache_reused", False)),
-        "pairs_per_s": last["perf/pairs_per_s"],
-        "seconds_per_step": last["perf/seconds_per_step"],
-        "setup_seconds": setup_s,
-        "peak_memory_training_MiB": train_peak,
-        "peak_memory_setup_MiB": setup_peak,
-        "memory_kind": "cuda max allocated" if cuda else "peak RSS",
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "threads": torch.get_num_threads(),
-    }
+def public_cmd(args, model: str, data: str, out: Path) -> list:
+    boot = ("import runpy, sys; sys.path.append(sys.argv.pop(1)); script = sys.argv.pop(1); "
+            "sys.argv = [script] + sys.argv[1:]; runpy.run_path(script, run_name='__main__')")  # fmt: skip
+    return [sys.executable, "-c", boot, args.reference_extra_path or "", args.reference_script,
+            "--pretrained_model_name_or_path", model, "--dataset_name", data, "--dataset_split_name", "train",
+            "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+            "--max_train_steps", str(args.steps), "--rank", str(args.rank), "--no_hflip", "--learning_rate", "1e-3",
+            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--output_dir", str(out),
+            "--report_to", "tensorboard", "--checkpointing_steps", "1000000000"]  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", type=int, default=256, help="image size (SD1.5: 512)")
+    p.add_argument("--model", default="sandbox", choices=["sandbox", "sd15-shaped"])
+    p.add_argument("--resolution", type=int, default=None, help="image size (sandbox: 32; sd15-shaped: 256)")
+    p.add_argument("--width", type=float, default=0.25, help="sd15-shaped: channel multiplier (1.0 = SD1.5)")
+    p.add_argument("--pairs", type=int, default=256, help="sd15-shaped: synthetic pairs")
+    p.add_argument("--batch", type=int, default=32, help="pairs per step")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (targets: the attention projections)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of every setting")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--reference_script", default=None, help="diffusers' research train_diffusion_dpo.py")
     p.add_argument(
-        "--width", type=float, default=0.25, help="channel multiplier relative to SD1.5 (1.0 = SD1.5)"
-    )
-    p.add_argument("--batch", type=int, default=2, help="pairs per step")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per setting (the first is warm-up)")
-    p.add_argument("--pairs", type=int, default=32, help="pairs in the synthetic dataset")
-    p.add_argument(
-        "--cache_batch", type=int, default=4, help="pairs per encoder call while building the cache"
-    )
-    p.add_argument(
-        "--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate precision"
+        "--reference_extra_path", default=None, help="a folder appended to its sys.path (e.g. wandb)"
     )
     p.add_argument("--out", default="outputs/benchmark_throughput.json", help="JSON results file")
-    p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._child:
-        model, data, out, cache = args._child
-        print("RESULT " + json.dumps(run_one(Path(model), Path(data), Path(out), args, cache == "1")))
-        return
+    args.resolution = args.resolution or (32 if args.model == "sandbox" else 256)
 
     work = Path(tempfile.mkdtemp(prefix="diffalign-bench-"))
-    print(
-        f"building an SD1.5-shaped model (width {args.width}) and {args.pairs} pairs at {args.resolution}px in {work}"
-    )
-    build_sd_like(work / "model", args.width)
-    build_pairs(work / "data", args.pairs, args.resolution)
-    rows = []
-    # caches off; caches on, built in this run; caches on, reused from the previous run (the common case)
-    for run, use_cache in enumerate((False, True, True)):
-        cmd = [sys.executable, __file__, "--resolution", str(args.resolution), "--width", str(args.width),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--cache_batch", str(args.cache_batch),
-               "--mixed_precision", args.mixed_precision,
-               "--_child", str(work / "model"), str(work / "data"), str(work / f"run-{run}"), str(int(use_cache))]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_MIXED_PRECISION": args.mixed_precision}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(
-                f"benchmark run failed (use_cache={use_cache}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-            )
-        rows.append(json.loads(line[0][len("RESULT ") :]))
+    if args.model == "sandbox":
+        from diffalign.sandbox import SANDBOX_PIPELINE
+
+        model, data = str(SANDBOX_PIPELINE), str(SANDBOX_PIPELINE.parent / "pickapic")
+    else:
+        print(
+            f"building an SD1.5-shaped model (width {args.width}) and {args.pairs} pairs at {args.resolution}px"
+        )
+        build_sd_like(work / "model", args.width)
+        build_pairs(work / "data", args.pairs, args.resolution)
+        model, data = str(work / "model"), str(work / "data")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "ACCELERATE_MIXED_PRECISION": args.mixed_precision, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    if args.mixed_precision != "no":
+        env["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
+
+    warm = work / "cache-warm"  # filled once (untimed) for the "reused" settings
+    settings = {
+        "no caches": lambda out, rep: diffalign_cmd(args, model, data, out, work / "unused", False, False),
+        "cold": lambda out, rep: diffalign_cmd(
+            args, model, data, out, work / f"cache-cold-{rep}", True, True
+        ),
+        "latent cache reused": lambda out, rep: diffalign_cmd(args, model, data, out, warm, True, False),
+        "all caches reused": lambda out, rep: diffalign_cmd(args, model, data, out, warm, True, True),
+    }
+    if args.reference_script:
+        settings["public script"] = lambda out, rep: public_cmd(args, model, data, out)
+    print(f"filling the caches for the 'reused' settings ({work})")
+    fill = _timed(diffalign_cmd(args, model, data, work / "fill", warm, True, True), env, work / "fill.log")
+    if fill["rc"]:
+        sys.exit(f"the cache-filling run failed: see {work / 'fill.log'}")
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for rep in range(args.repeats):
+        for name, make in settings.items():
+            out = work / f"{name.replace(' ', '-')}-{rep}"
+            r = _timed(make(out, rep), env, work / f"{out.name}.log")
+            if r["rc"]:
+                sys.exit(f"{name} (repeat {rep}) failed: see {work / (out.name + '.log')}")
+            print(f"  {name:22s} repeat {rep}: {r['wall_s']:.2f} s, peak RSS {r['peak_rss_MiB']:.0f} MiB")
+            runs[name].append(r)
+
+    import statistics
+
+    pairs = args.steps * args.batch
+    rows, summary = [], {}
+    base = statistics.median(r["wall_s"] for r in runs["public script"]) if args.reference_script else None
+    for name, rs in runs.items():
+        walls = [r["wall_s"] for r in rs]
+        med = statistics.median(walls)
+        summary[name] = {"wall_s": walls, "median_wall_s": med, "pairs_per_s": pairs / med,
+                         "peak_rss_MiB": max(r["peak_rss_MiB"] for r in rs),
+                         "speedup_vs_public": (base / med) if base else None}  # fmt: skip
+        rows.append([name, f"{med:.2f} ({min(walls):.2f}-{max(walls):.2f})", f"{pairs / med:.1f}",
+                     f"{base / med:.2f}x" if base else "-", f"{summary[name]['peak_rss_MiB']:.0f}"])  # fmt: skip
 
     from diffalign.eval.report import markdown_table
 
-    def label(r: dict) -> str:
-        return (
-            "off" if not r["use_cache"] else ("on (reused)" if r["cache_reused"] else "on (built this run)")
-        )
-
-    print(
-        markdown_table(
-            ["caches", "pairs/s", "s/step", "setup s", "peak MiB (training)", "peak MiB (setup)", "memory",
-             "device", "precision"],
-            [[label(r), r["pairs_per_s"], r["seconds_per_step"], r["setup_seconds"], r["peak_memory_training_MiB"],
-              r["peak_memory_setup_MiB"], r["memory_kind"], r["device"], args.mixed_precision] for r in rows],
-        )
-    )  # fmt: skip
-    speedup = rows[2]["pairs_per_s"] / rows[0]["pairs_per_s"]
-    print(f"speed-up from caches (reused cache vs encoding every step): {speedup:.2f}x")
+    print(f"\n{args.model}, {args.steps} steps of {args.batch} pairs, LoRA rank {args.rank} on {ATTENTION_TARGETS}, "
+          f"{args.threads} thread(s), precision {args.mixed_precision}, {args.repeats} alternating repeats")  # fmt: skip
+    print(markdown_table(["setting", "wall s: median (min-max)", "pairs/s (whole process)", "vs public script",
+                          "peak RSS MiB"], rows))  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"args": vars(args) | {"_child": None}, "results": rows, "speedup": speedup}, indent=2)
-    )
+    out.write_text(json.dumps({"args": vars(args), "pairs_per_run": pairs, "settings": summary}, indent=2))
     print(f"results written to {out}")
 
 

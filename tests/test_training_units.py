@@ -112,3 +112,36 @@ def test_attention_backend_choice(monkeypatch):
     assert set_attention_backend(broken, "auto") == "sdpa"  # auto falls back
     with pytest.raises(RuntimeError, match="no kernels for this GPU"):
         set_attention_backend(broken, "xformers")
+
+
+def test_reference_switch_equals_peft_disable_adapters_and_leaves_training_state_alone():
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.models.lora import AdapterDisabledReference, add_lora
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    add_lora(unet, 4, None, ["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: policy != reference
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        policy = unet(x, t, encoder_hidden_states=e).sample
+        unet.disable_adapters()
+        base = unet(x, t, encoder_hidden_states=e).sample
+        unet.enable_adapters()
+    ref = AdapterDisabledReference(unet)
+    with ref() as r:
+        got = r(x, t, encoder_hidden_states=e).sample
+        assert not torch.is_grad_enabled()
+    assert torch.equal(got, base) and not torch.equal(got, policy)
+    assert len(ref.lora_layers()) > 0
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable  # untouched
+    out = unet(x, t, encoder_hidden_states=e).sample  # adapters are back on, with gradients
+    assert torch.equal(out.detach(), policy) and out.requires_grad

@@ -259,7 +259,8 @@ class OfflinePairsTrainer:
         path = ck.save_checkpoint(
             self.accelerator, self.output_dir, self.global_step, state, self.cfg.checkpoints_total_limit
         )
-        for store in (self.step_fn.reference_errors, self.step_fn.latent_store):  # what a resumed or later run reuses
+        # what a resumed or later run reuses
+        for store in (self.step_fn.reference_errors, self.step_fn.latent_store):
             if store is not None:
                 store.flush()
         self.accelerator.print(f"checkpoint written: {path}")
