@@ -70,6 +70,11 @@ class CommonConfig:
         "dtype of the frozen reference copy for full fine-tuning (float32/float16/bfloat16)", "float32"
     )
     gradient_checkpointing: bool = _help("trade compute for memory in the UNet", False)
+    channels_last: bool = _help(
+        "UNet weights and inputs in channels-last memory format (faster convolutions on some hardware; "
+        "scripts/profile_step.py measures it)",
+        False,
+    )
     attention: str = _help(
         "'auto' (xformers on CUDA when installed, else PyTorch SDPA), 'sdpa' or 'xformers'", "auto"
     )

@@ -15,6 +15,7 @@ peak memory is the process's peak RSS (``wait4``). Settings (same model, data, L
   training goes);
 * ``latent cache reused``: a second run: latents and text embeddings read back, reference forward computed;
 * ``all caches reused``: latents and the reference's errors read back (a β / lr / loss-type sweep, a rerun);
+  and the same with ``channels_last: true``;
 * ``public script`` (with ``--reference_script``): diffusers' ``examples/research_projects/diffusion_dpo/
   train_diffusion_dpo.py`` on the same pipeline and Pick-a-Pic-schema data (it imports ``wandb``; install it, or
   give a folder holding it with ``--reference_extra_path``). Its LoRA targets are fixed to the attention
@@ -120,11 +121,12 @@ def _timed(cmd: list[str], env: dict, log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "peak_rss_MiB": usage.ru_maxrss / 1024, "rc": proc.returncode}
+    cpu = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to what else the host runs
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_MiB": usage.ru_maxrss / 1024, "rc": proc.returncode}
 
 
 def diffalign_cmd(
-    args, model: str, data: str, out: Path, cache: Path, use_cache: bool, ref_cache: bool
+    args, model: str, data: str, out: Path, cache: Path, use_cache: bool, ref_cache: bool, *extra: str
 ) -> list:
     return [sys.executable, str(REPO / "scripts" / "train_diffusion_dpo.py"),
             "--pretrained_model", model, "--dataset", data, "--split", "train", "--resolution", str(args.resolution),
@@ -133,7 +135,7 @@ def diffalign_cmd(
             "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--output_dir", str(out),
             "--cache_dir", str(cache), "--use_cache", str(use_cache).lower(), "--reference_cache", str(ref_cache).lower(),
             "--checkpointing_steps", "0", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
-            "--logging_steps", str(args.steps)]  # fmt: skip
+            "--logging_steps", str(args.steps), *extra]  # fmt: skip
 
 
 def public_cmd(args, model: str, data: str, out: Path) -> list:
@@ -192,6 +194,9 @@ def main() -> None:
         ),
         "latent cache reused": lambda out, rep: diffalign_cmd(args, model, data, out, warm, True, False),
         "all caches reused": lambda out, rep: diffalign_cmd(args, model, data, out, warm, True, True),
+        "all caches reused, channels-last": lambda out, rep: diffalign_cmd(
+            args, model, data, out, warm, True, True, "--channels_last", "true"
+        ),
     }
     if args.reference_script:
         settings["public script"] = lambda out, rep: public_cmd(args, model, data, out)
@@ -206,29 +211,38 @@ def main() -> None:
             r = _timed(make(out, rep), env, work / f"{out.name}.log")
             if r["rc"]:
                 sys.exit(f"{name} (repeat {rep}) failed: see {work / (out.name + '.log')}")
-            print(f"  {name:22s} repeat {rep}: {r['wall_s']:.2f} s, peak RSS {r['peak_rss_MiB']:.0f} MiB")
+            print(f"  {name:34s} repeat {rep}: {r['wall_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU, "
+                  f"peak RSS {r['peak_rss_MiB']:.0f} MiB")  # fmt: skip
             runs[name].append(r)
 
     import statistics
 
     pairs = args.steps * args.batch
     rows, summary = [], {}
-    base = statistics.median(r["wall_s"] for r in runs["public script"]) if args.reference_script else None
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    public = "public script" if args.reference_script else None
     for name, rs in runs.items():
-        walls = [r["wall_s"] for r in rs]
-        med = statistics.median(walls)
-        summary[name] = {"wall_s": walls, "median_wall_s": med, "pairs_per_s": pairs / med,
-                         "peak_rss_MiB": max(r["peak_rss_MiB"] for r in rs),
-                         "speedup_vs_public": (base / med) if base else None}  # fmt: skip
-        rows.append([name, f"{med:.2f} ({min(walls):.2f}-{max(walls):.2f})", f"{pairs / med:.1f}",
-                     f"{base / med:.2f}x" if base else "-", f"{summary[name]['peak_rss_MiB']:.0f}"])  # fmt: skip
+        walls, cpus = [r["wall_s"] for r in rs], [r["cpu_s"] for r in rs]
+        wall, cpu = med(name, "wall_s"), med(name, "cpu_s")
+        summary[name] = {"wall_s": walls, "cpu_s": cpus, "median_wall_s": wall, "median_cpu_s": cpu,
+                         "pairs_per_s": pairs / wall, "peak_rss_MiB": max(r["peak_rss_MiB"] for r in rs),
+                         "speedup_vs_public_wall": med(public, "wall_s") / wall if public else None,
+                         "speedup_vs_public_cpu": med(public, "cpu_s") / cpu if public else None}  # fmt: skip
+        x = summary[name]
+        rows.append([name, f"{wall:.2f} ({min(walls):.2f}-{max(walls):.2f})", f"{pairs / wall:.1f}",
+                     f"{x['speedup_vs_public_wall']:.2f}x" if public else "-",
+                     f"{cpu:.2f} ({min(cpus):.2f}-{max(cpus):.2f})",
+                     f"{x['speedup_vs_public_cpu']:.2f}x" if public else "-", f"{x['peak_rss_MiB']:.0f}"])  # fmt: skip
 
     from diffalign.eval.report import markdown_table
 
     print(f"\n{args.model}, {args.steps} steps of {args.batch} pairs, LoRA rank {args.rank} on {ATTENTION_TARGETS}, "
           f"{args.threads} thread(s), precision {args.mixed_precision}, {args.repeats} alternating repeats")  # fmt: skip
-    print(markdown_table(["setting", "wall s: median (min-max)", "pairs/s (whole process)", "vs public script",
-                          "peak RSS MiB"], rows))  # fmt: skip
+    print(markdown_table(["setting", "wall s: median (min-max)", "pairs/s (whole process)", "vs public (wall)",
+                          "CPU s: median (min-max)", "vs public (CPU)", "peak RSS MiB"], rows))  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "pairs_per_run": pairs, "settings": summary}, indent=2))

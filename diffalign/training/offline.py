@@ -77,6 +77,7 @@ class OfflinePairsTrainer:
             device=acc.device,
             autocast=acc.autocast,
             timestep_grid=getattr(cfg.params, "timestep_grid", None),
+            channels_last=cfg.channels_last,
             **_inverse_schedule(comps.noise_scheduler),
         )
         self.step_fn.latent_store = self.data.latent_store
@@ -259,12 +260,15 @@ class OfflinePairsTrainer:
         path = ck.save_checkpoint(
             self.accelerator, self.output_dir, self.global_step, state, self.cfg.checkpoints_total_limit
         )
-        # what a resumed or later run reuses
+        self.flush_caches()
+        self.accelerator.print(f"checkpoint written: {path}")
+        return path
+
+    def flush_caches(self) -> None:
+        """Write the latents and reference errors recorded since the last flush (what a later run reuses)."""
         for store in (self.step_fn.reference_errors, self.step_fn.latent_store):
             if store is not None:
                 store.flush()
-        self.accelerator.print(f"checkpoint written: {path}")
-        return path
 
     # ---- outputs (shared with the online loop) ------------------------------------------------------------------------
     def validate(self) -> Path | None:

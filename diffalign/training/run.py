@@ -96,6 +96,8 @@ def setup_run(cfg, spec: ObjectiveSpec, project_name: str = "diffalign") -> Run:
     attention = mp.set_attention_backend(unet.to(acc.device), cfg.attention)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if getattr(cfg, "channels_last", False):
+        unet.to(memory_format=torch.channels_last)
     if cfg.finetune == "lora":
         # Frozen base weights in the compute dtype (the adapters stay float32), except under FSDP: it flattens
         # each wrapped block into one tensor, which needs one dtype, and casts to bf16/fp16 itself.

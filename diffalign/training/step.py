@@ -52,6 +52,13 @@ class PairStep:
     reference_errors: Any = None
     # cache_mode lazy (:mod:`diffalign.data.lazy_cache`): completes batches and records new encodings
     latent_store: Any = None
+    channels_last: bool = (
+        False  # UNet inputs in channels-last format (the UNet's weights are, cfg.channels_last)
+    )
+
+    def _unet_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight_dtype)
+        return x.to(memory_format=torch.channels_last) if self.channels_last else x
 
     def latents_and_text(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``latents [B, 2, C, h, w]`` float32 and text embeddings ``{name: [B, ...]}`` (cached or encoded now)."""
@@ -109,11 +116,11 @@ class PairStep:
         kwargs = cond.unet_kwargs(self.weight_dtype)
 
         def policy(x, tt, rows):
-            return self.unet(x.to(self.weight_dtype), tt, **_select_rows(kwargs, rows)).sample
+            return self.unet(self._unet_input(x), tt, **_select_rows(kwargs, rows)).sample
 
         def reference(x, tt, rows):
             with self.reference() as ref, self.autocast():
-                return ref(x.to(self.weight_dtype), tt, **_select_rows(kwargs, rows)).sample
+                return ref(self._unet_input(x), tt, **_select_rows(kwargs, rows)).sample
 
         ctx = parts.NoisingContext(
             self.alphas_cumprod,
@@ -137,7 +144,7 @@ class PairStep:
         weighting = getattr(self.params, "error_weighting", "none")
 
         with record_function("diffalign/policy_forward"):
-            pred = self.unet(noisy.to(self.weight_dtype), tk, **kwargs).sample
+            pred = self.unet(self._unet_input(noisy), tk, **kwargs).sample
             model_err = error(pred, x0, eps, noisy, tk, ctx, weighting)
         ref_err = None
         if self.spec.needs_reference:
@@ -147,7 +154,7 @@ class PairStep:
             if ref_err is None:
                 with record_function("diffalign/reference_forward"):
                     with self.reference() as ref, self.autocast():
-                        ref_pred = ref(noisy.to(self.weight_dtype), tk, **kwargs).sample
+                        ref_pred = ref(self._unet_input(noisy), tk, **kwargs).sample
                     ref_err = error(ref_pred, x0, eps, noisy, tk, ctx, weighting)
                 if stored is not None:
                     stored.add(epoch, batch["index"], ref_err)
