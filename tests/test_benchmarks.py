@@ -608,3 +608,35 @@ def test_benchmark_dreambench_script_end_to_end(tiny_assets, tmp_path):
     assert "| subject |" in md and "CLIP-I" in md and "λ-harmonic (λ=0.3)" in md
     grid = Image.open(out / "grids" / "mug.png")
     assert grid.size[0] > 4 * 64 and (out / "metrics.png").is_file()
+
+
+def test_profile_step_shows_the_reference_forward_gone_when_its_errors_are_stored(tmp_path):
+    common = ["--steps", "2", "--warmup", "1", "--train_batch_size", "4", "--max_train_samples", "32",
+              "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    first = _run("profile_step.py", [*common, "--out", str(tmp_path / "a.json")])
+    second = _run("profile_step.py", [*common, "--out", str(tmp_path / "b.json")])
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert set(a["parts_s"]) == {"data", "encode", "pair_randomness", "noising", "policy_forward",
+                                 "reference_forward", "loss", "backward", "optimizer", "other"}  # fmt: skip
+    assert a["parts_s"]["reference_forward"] > 0 and a["parts_s"]["encode"] > 0  # first run: computed
+    assert b["parts_s"]["reference_forward"] == 0  # second run: read from the reference-error cache
+    assert b["parts_s"]["encode"] < a["parts_s"]["encode"] / 5  # and latents read from the lazy cache
+    assert "| policy_forward |" in first.stdout and "| part |" in second.stdout
+
+
+def test_throughput_benchmark_times_every_setting_against_a_public_script(tmp_path):
+    stand_in = tmp_path / "public.py"  # stands in for diffusers' research script: accepts its flags, exits
+    stand_in.write_text(
+        "import sys, time\nassert '--pretrained_model_name_or_path' in sys.argv\ntime.sleep(0.2)\n"
+    )
+    out = tmp_path / "bench.json"
+    proc = _run("benchmark_throughput.py", ["--steps", "2", "--batch", "4", "--repeats", "1",
+                                            "--reference_script", str(stand_in), "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    names = {"no caches", "cold", "latent cache reused", "all caches reused", "all caches reused, channels-last",
+             "public script"}  # fmt: skip
+    assert set(res["settings"]) == names and res["pairs_per_run"] == 8
+    s = res["settings"]["all caches reused"]
+    assert s["median_wall_s"] > 0 and s["peak_rss_MiB"] > 100 and s["speedup_vs_public_wall"] > 0
+    assert res["settings"]["public script"]["speedup_vs_public_wall"] == 1.0
+    assert "| all caches reused |" in proc.stdout
