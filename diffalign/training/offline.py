@@ -236,9 +236,8 @@ class OfflinePairsTrainer:
         if not cfg.checkpointing_steps or self.global_step % cfg.checkpointing_steps:
             self.save_checkpoint()
         self.data.report(acc)
-        for store in (self.step_fn.latent_store, self.step_fn.reference_errors):
-            if store is not None:
-                acc.print(store.describe())
+        for store in self._stores():
+            acc.print(store.describe())
         if self.skipped_nonfinite:
             acc.print(f"{self.skipped_nonfinite} micro-batches had a non-finite loss and were skipped")
         return {"steps": self.global_step, "train_seconds": time.time() - t0, "history": history,
@@ -264,11 +263,15 @@ class OfflinePairsTrainer:
         self.accelerator.print(f"checkpoint written: {path}")
         return path
 
+    def _stores(self) -> list:
+        """The lazy latent store and the reference-error cache, where the run has them (tests may swap the step)."""
+        found = (getattr(self.step_fn, n, None) for n in ("latent_store", "reference_errors"))
+        return [s for s in found if s is not None]
+
     def flush_caches(self) -> None:
         """Write the latents and reference errors recorded since the last flush (what a later run reuses)."""
-        for store in (self.step_fn.reference_errors, self.step_fn.latent_store):
-            if store is not None:
-                store.flush()
+        for store in self._stores():
+            store.flush()
 
     # ---- outputs (shared with the online loop) ------------------------------------------------------------------------
     def validate(self) -> Path | None:
