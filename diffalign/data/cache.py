@@ -80,7 +80,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .pickapic import PairSkip, PairStats, PairTransform, PickAPicPairs, example_rng, label_w
+from .pickapic import PairSkip, PairStats, PairTransform, PickAPicPairs, example_rng, stack_pair_metadata
 from .sampler import split_index
 
 PREPROCESS_VERSION = 1
@@ -501,14 +501,5 @@ def collate_cached(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "latents": torch.stack([ex["latents"] for ex in examples]),
         "text": {k: torch.stack([ex["text"][k] for ex in examples]) for k in examples[0]["text"]},
-        "captions": [ex["caption"] for ex in examples],
-        "original_sizes": torch.stack([ex["original_sizes"] for ex in examples]),
-        "crop_top_lefts": torch.stack([ex["crop_top_lefts"] for ex in examples]),
-        "ranking_ids": torch.tensor([ex["ranking_id"] for ex in examples], dtype=torch.long),
-        "user_ids": torch.tensor([ex["user_id"] for ex in examples], dtype=torch.long),
-        "row_indices": torch.tensor([ex["row_index"] for ex in examples], dtype=torch.long),
-        "label_w": label_w(examples),
-        "is_tie": torch.tensor([ex["is_tie"] for ex in examples], dtype=torch.bool),
-        "flipped": torch.tensor([ex["flipped"] for ex in examples], dtype=torch.bool),
-        "skipped": {},
+        **stack_pair_metadata(examples),
     }

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from .pair_images import example_rng
-from .pickapic import PickAPicPairs, label_w
+from .pickapic import PickAPicPairs, stack_pair_metadata
 from .sampler import split_index
 
 LAYOUT = "lazy-chunks-v1"
@@ -285,23 +284,8 @@ class LazyCachedPairs(Dataset):
 def collate_lazy(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The batch of a lazily cached loader: metadata stacked as usual, ``examples`` kept for
     :meth:`LatentStore.complete` (which makes ``latents`` and ``text``), ``index`` = source rows."""
-    skipped: Counter = Counter()
-    for ex in examples:
-        skipped.update(ex.get("skipped", {}))
-    return {
-        "examples": list(examples),
-        "captions": [ex["caption"] for ex in examples],
-        "original_sizes": torch.stack([ex["original_sizes"] for ex in examples]),
-        "crop_top_lefts": torch.stack([ex["crop_top_lefts"] for ex in examples]),
-        "ranking_ids": torch.tensor([ex["ranking_id"] for ex in examples], dtype=torch.long),
-        "user_ids": torch.tensor([ex["user_id"] for ex in examples], dtype=torch.long),
-        "row_indices": torch.tensor([ex["row_index"] for ex in examples], dtype=torch.long),
-        "index": torch.tensor([ex["row_index"] for ex in examples], dtype=torch.long),
-        "label_w": label_w(examples),
-        "is_tie": torch.tensor([ex["is_tie"] for ex in examples], dtype=torch.bool),
-        "flipped": torch.tensor([ex["flipped"] for ex in examples], dtype=torch.bool),
-        "skipped": dict(skipped),
-    }
+    meta = stack_pair_metadata(examples)
+    return {"examples": list(examples), **meta, "index": meta["row_indices"]}
 
 
 __all__ = ["LAYOUT", "LatentStore", "LazyCachedPairs", "collate_lazy"]

@@ -96,23 +96,33 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     0.5 for a tie kept with ``tie_policy="keep"``. A loss must read it (a soft label) instead of assuming that
     slot 0 always won.
     """
+    return {
+        "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]),
+        **stack_pair_metadata(examples),
+        "winners": torch.tensor([ex["winner"] for ex in examples], dtype=torch.long),
+        "label_0": torch.tensor([ex["label_0"] for ex in examples], dtype=torch.float64),
+        "label_1": torch.tensor([ex["label_1"] for ex in examples], dtype=torch.float64),
+    }
+
+
+def stack_pair_metadata(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What every batch of pairs carries besides pixels or latents (all collate functions share it): ``captions``,
+    ``original_sizes``/``crop_top_lefts`` [B, 2, 2] long, ``ranking_ids``/``user_ids``/``row_indices`` [B] long
+    (-1 where unknown), ``label_w`` [B] float32, ``is_tie``/``flipped`` [B] bool, ``skipped`` (reason -> count
+    summed over the batch)."""
     skipped: Counter = Counter()
     for ex in examples:
         skipped.update(ex.get("skipped", {}))
     return {
-        "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]),
         "captions": [ex["caption"] for ex in examples],
         "original_sizes": torch.stack([ex["original_sizes"] for ex in examples]),
         "crop_top_lefts": torch.stack([ex["crop_top_lefts"] for ex in examples]),
         "ranking_ids": torch.tensor([ex["ranking_id"] for ex in examples], dtype=torch.long),
         "user_ids": torch.tensor([ex["user_id"] for ex in examples], dtype=torch.long),
-        "winners": torch.tensor([ex["winner"] for ex in examples], dtype=torch.long),
-        "label_0": torch.tensor([ex["label_0"] for ex in examples], dtype=torch.float64),
-        "label_1": torch.tensor([ex["label_1"] for ex in examples], dtype=torch.float64),
+        "row_indices": torch.tensor([ex.get("row_index", -1) for ex in examples], dtype=torch.long),
         "label_w": label_w(examples),
         "is_tie": torch.tensor([ex["is_tie"] for ex in examples], dtype=torch.bool),
         "flipped": torch.tensor([ex["flipped"] for ex in examples], dtype=torch.bool),
-        "row_indices": torch.tensor([ex.get("row_index", -1) for ex in examples], dtype=torch.long),
         "skipped": dict(skipped),
     }
 
