@@ -85,3 +85,15 @@ def test_float32_lazy_cache_trains_exactly_like_encoding_on_the_fly(tiny, tmp_pa
     read, encoded = int(line.split()[3]), int(line.split(", ")[1].split()[0])
     assert read + encoded == 32 and 16 <= encoded < 32  # epoch 2 reuses the orientations epoch 1 drew
     assert "latent cache (lazy): 32 of 32 examples read, 0 encoded" in second.stdout
+
+
+def test_sdxl_run_reading_both_caches_trains_like_the_run_that_filled_them(tiny, tmp_path):
+    """SDXL: two text encoders (pooled embeddings), per-image sizes and crops in the added conditions, flips on."""
+    common = ("--checkpointing_steps", "0", "--max_train_steps", "4", "--random_flip", "true", "--use_cache", "true",
+              "--cache_dir", str(tmp_path / "cache"))  # fmt: skip
+    first = run_script(tiny_args(tiny["sdxl"], tiny["data"], tmp_path / "a", *common))
+    second = run_script(tiny_args(tiny["sdxl"], tiny["data"], tmp_path / "b", *common))
+    assert "latent cache (lazy): 0 of 16 examples read, 16 encoded" in first.stdout
+    assert "latent cache (lazy): 16 of 16 examples read, 0 encoded" in second.stdout
+    assert "reference errors: 16 of 16 pairs read from the cache (100%" in second.stdout
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
