@@ -31,6 +31,7 @@ class OneProcess:
     """What build_train_data needs from an accelerate.Accelerator, for one process."""
 
     is_local_main_process = False  # no progress bars
+    process_index = 0
 
     def main_process_first(self):
         return contextlib.nullcontext()
@@ -87,7 +88,8 @@ def build(tiny, **kw):
 
 
 MODES = {
-    "cache": dict(use_cache=True),
+    "cache": dict(use_cache=True, cache_mode="upfront"),
+    "lazy": dict(use_cache=True, cache_mode="lazy"),
     "on_the_fly": dict(use_cache=False),
     "streaming": dict(use_cache=False, streaming=True),
 }
@@ -178,9 +180,10 @@ def test_every_skipped_row_reaches_the_run_report(tiny, mode):
     for reason, n in data._skipped.items():  # what batches carried (summed over processes by report())
         reported[reason] = reported.get(reason, 0) + n
     assert reported == {"tie": 1, "missing_label": 1, "corrupt_image": 1}
-    # cache: 3 pairs, full batches of 2 (the odd one is a different pair each epoch); on the fly the bad row's place
-    # goes to the next good one; a stream yields its 3 pairs, the last batch short
-    assert data.used == {"cache": 2, "on_the_fly": 4, "streaming": 3}[mode]
+    # cache: 3 pairs, full batches of 2 (the odd one is a different pair each epoch); on the fly (and through the lazy
+    # cache, which reads as on the fly) the bad row's place goes to the next good one; a stream yields its 3 pairs,
+    # the last batch short
+    assert data.used == {"cache": 2, "lazy": 4, "on_the_fly": 4, "streaming": 3}[mode]
 
 
 # ---- cache storage dtype ----------------------------------------------------------------------------------------
@@ -218,7 +221,9 @@ def per_image_encoder(monkeypatch):
 
 def per_image_cache(tiny, tmp_path, dtype: str) -> DPOConfig:
     """A config whose cache is built here, by the per-image encoder (not reused from another test)."""
-    return cfg(tiny, use_cache=True, cache_dtype=dtype, cache_dir=str(tmp_path / "cache"))
+    return cfg(
+        tiny, use_cache=True, cache_mode="upfront", cache_dtype=dtype, cache_dir=str(tmp_path / "cache")
+    )
 
 
 def test_float32_cache_equals_on_the_fly_encoding_exactly(tiny, tmp_path, per_image_encoder):
@@ -251,6 +256,7 @@ def test_float16_cache_error_on_the_sandbox(tmp_path):
             max_train_samples=num_pairs,
             train_batch_size=8,
             cache_dtype=dtype,
+            cache_mode="upfront",
             cache_dir=str(tmp_path / "cache"),
             output_dir=str(tmp_path / "out"),
         )
@@ -271,9 +277,8 @@ def test_float16_cache_error_on_the_sandbox(tmp_path):
 
 
 def test_cache_dtype_is_part_of_the_cache_key(tiny):
-    half = build(tiny, use_cache=True, cache_dtype="float16", split="few", train_batch_size=1)
-    full = build(tiny, use_cache=True, cache_dtype="float32", split="few", train_batch_size=1)
-    again = build(tiny, use_cache=True, cache_dtype="float32", split="few", train_batch_size=1)
+    up = dict(use_cache=True, cache_mode="upfront", split="few", train_batch_size=1)
+    half, full, again = (build(tiny, cache_dtype=d, **up) for d in ("float16", "float32", "float32"))
     assert half.info["cache"] != full.info["cache"] and not full.info["cache_reused"]
     assert again.info["cache"] == full.info["cache"] and again.info["cache_reused"]
     with pytest.raises(ValueError, match="cache_dtype='bfloat16' is not valid"):
