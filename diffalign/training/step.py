@@ -52,9 +52,8 @@ class PairStep:
     reference_errors: Any = None
     # cache_mode lazy (:mod:`diffalign.data.lazy_cache`): completes batches and records new encodings
     latent_store: Any = None
-    channels_last: bool = (
-        False  # UNet inputs in channels-last format (the UNet's weights are, cfg.channels_last)
-    )
+    # cfg.channels_last: the UNet's weights are channels-last, so its inputs are made so too
+    channels_last: bool = False
 
     def _unet_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight_dtype)
