@@ -6,7 +6,7 @@ Row filtering (first matching reason wins; every skipped row is counted by reaso
 ``no_label``        ``has_label`` is False (the ranking was never answered).
 ``missing_label``   ``label_0`` or ``label_1`` is None/NaN.
 ``both_zero``       both labels are 0 (no image chosen).
-``invalid_label``   labels other than (1, 0), (0, 1) or (0.5, 0.5).
+``invalid_label``   labels that are not (1, 0), (0, 1), (0.5, 0.5) or a soft label (see below).
 ``tie``             (0.5, 0.5) with ``tie_policy="drop"``.
 ``empty_caption``   caption None, empty or only whitespace.
 ``missing_image``   ``jpg_0``/``jpg_1`` None or empty bytes.
@@ -23,6 +23,11 @@ source order (image 0 first) with ``pref_prob = 0.5`` and ``is_tie = True``; bat
 (P(slot 0 preferred): 1.0 for decided pairs, 0.5 for ties), the soft label the DPO loss reads. A loss that
 ignores ``label_w`` must not be fed ties: it would train them as "image 0 wins".
 A "random winner" policy is deliberately not offered: it is label noise.
+
+Soft labels: a row with ``label_0 + label_1 = 1`` and ``0 < label_0 < 1`` (other than 0.5) states a preference
+probability, e.g. RPO's ``σ(r_ref − r_gen)`` (:mod:`diffalign.data.subject_pairs`). It is always kept (the tie policy
+is about exact ties), in source order, with ``pref_prob = label_0``; :func:`classify_row` returns
+``winner = SOFT_LABEL``. Pick-a-Pic itself has none.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TIE_POLICIES: tuple[str, ...] = ("drop", "keep")
+TIE = -1  #: ``winner`` of a kept tie: source order, pref_prob 0.5
+SOFT_LABEL = -2  #: ``winner`` of a soft-label row: source order, pref_prob = label_0
 LABEL_REASONS: tuple[str, ...] = (
     "no_label",
     "missing_label",
@@ -148,8 +155,8 @@ def classify_row(
 
     Returns:
         ``(reason, winner)``: ``reason`` is a skip reason (see the module table) or None when the row is used;
-        ``winner`` is 0 or 1 (the source index of the preferred image), or -1 for a tie kept under
-        ``tie_policy="keep"`` (and meaningless when ``reason`` is not None).
+        ``winner`` is 0 or 1 (the source index of the preferred image), :data:`TIE` (-1) for a tie kept under
+        ``tie_policy="keep"``, :data:`SOFT_LABEL` (-2) for a soft label (meaningless when ``reason`` is not None).
     """
     if tie_policy not in TIE_POLICIES:
         raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
@@ -167,7 +174,9 @@ def classify_row(
     elif (l0, l1) == (0.5, 0.5):
         if tie_policy == "drop":
             return "tie", 0
-        winner = -1
+        winner = TIE
+    elif 0.0 < l0 < 1.0 and abs(l0 + l1 - 1.0) <= 1e-9:
+        winner = SOFT_LABEL
     else:
         return "invalid_label", 0
     if not isinstance(caption, str) or not caption.strip():

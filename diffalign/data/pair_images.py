@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pair_filter import PairSkip, is_missing
+from .pair_filter import SOFT_LABEL, TIE, PairSkip, is_missing
 
 CROP_MODES: tuple[str, ...] = ("random", "center")
 
@@ -158,16 +158,25 @@ def build_example(
     Raises :class:`PairSkip` for image problems. Keys: ``pixel_values`` [2, 3, R, R] (winner, loser; for a kept
     tie: image 0, image 1), ``caption``, ``original_sizes`` [2, 2], ``crop_top_lefts`` [2, 2], ``flipped``,
     ``ranking_id``, ``user_id``, ``label_0``/``label_1`` (source values), ``winner`` (source index of
-    the first image: 0 or 1, -1 for a tie kept in source order), ``pref_prob`` (P(first image preferred): 1.0, or 0.5
-    for a tie), ``is_tie``, ``skipped`` ({} here).
+    the first image: 0 or 1, -1 for a tie or -2 for a soft label, both kept in source order), ``pref_prob`` (P(first
+    image preferred): 1.0, 0.5 for a tie, ``label_0`` for a soft label), ``is_tie``, ``skipped`` ({} here), and
+    ``caption_1`` (the second image's own prompt) when the row has a ``caption_1`` column (subject-driven data).
     """
     images = [decode_rgb(row["jpg_0"]), decode_rgb(row["jpg_1"])]
+    captions = [row["caption"].strip()]
+    if row.get("caption_1") is not None:  # subject-driven data: image 1 has a prompt of its own
+        if not isinstance(row["caption_1"], str) or not row["caption_1"].strip():
+            raise PairSkip("empty_caption", "caption_1 is empty")
+        captions.append(row["caption_1"].strip())
     if winner == 1:
         images = images[::-1]
+        captions = captions[::-1]
     pixel_values, original_sizes, crop_top_lefts, flipped = transform(images, rng, flip=flip)
-    return {
+    label_0 = float(row["label_0"])
+    pref_prob = 0.5 if winner == TIE else label_0 if winner == SOFT_LABEL else 1.0
+    example = {
         "pixel_values": pixel_values,
-        "caption": row["caption"].strip(),
+        "caption": captions[0],
         "original_sizes": original_sizes,
         "crop_top_lefts": crop_top_lefts,
         "flipped": flipped,
@@ -176,7 +185,10 @@ def build_example(
         "label_0": float(row["label_0"]),
         "label_1": float(row["label_1"]),
         "winner": winner,
-        "pref_prob": 0.5 if winner == -1 else 1.0,
-        "is_tie": winner == -1,
+        "pref_prob": pref_prob,
+        "is_tie": winner == TIE,
         "skipped": {},
     }
+    if len(captions) == 2:
+        example["caption_1"] = captions[1]
+    return example

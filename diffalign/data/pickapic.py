@@ -45,6 +45,7 @@ from .pair_filter import (
     IMAGE_REASONS,
     LABEL_REASONS,
     SKIP_REASONS,
+    TIE,
     TIE_POLICIES,
     PairSkip,
     PairStats,
@@ -106,15 +107,18 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def stack_pair_metadata(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What every batch of pairs carries besides pixels or latents (all collate functions share it): ``captions``,
+    """What every batch of pairs carries besides pixels or latents (all collate functions share it): ``captions``
+    (and ``captions_1``, the slot-1 images' own prompts, when the data has a ``caption_1`` column),
     ``original_sizes``/``crop_top_lefts`` [B, 2, 2] long, ``ranking_ids``/``user_ids``/``row_indices`` [B] long
     (-1 where unknown), ``label_w`` [B] float32, ``is_tie``/``flipped`` [B] bool, ``skipped`` (reason -> count
     summed over the batch)."""
     skipped: Counter = Counter()
     for ex in examples:
         skipped.update(ex.get("skipped", {}))
+    own = {"captions_1": [ex["caption_1"] for ex in examples]} if "caption_1" in examples[0] else {}
     return {
         "captions": [ex["caption"] for ex in examples],
+        **own,
         "original_sizes": torch.stack([ex["original_sizes"] for ex in examples]),
         "crop_top_lefts": torch.stack([ex["crop_top_lefts"] for ex in examples]),
         "ranking_ids": torch.tensor([ex["ranking_id"] for ex in examples], dtype=torch.long),
@@ -222,7 +226,7 @@ class PickAPicPairs(Dataset):
                     continue
                 rows.append(offset + i)
                 winners.append(winner)
-                self.stats.ties_kept += winner == -1
+                self.stats.ties_kept += winner == TIE
             offset += table.num_rows
             bar.update(table.num_rows)
         bar.close()
@@ -288,7 +292,7 @@ class PickAPicPairs(Dataset):
         self.stats.limited += max(len(self.rows) - n, 0)
         self.rows, self.winners = self.rows[:n], self.winners[:n]
         self.stats.pairs_indexed = len(self.rows)
-        self.stats.ties_kept = int((self.winners == -1).sum())
+        self.stats.ties_kept = int((self.winners == TIE).sum())
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the pairs this dataset yields (used as part of cache keys)."""

@@ -48,6 +48,12 @@ def pair_seed(seed: int, epoch: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
+def slot_seed(seed: int, slot: int) -> int:
+    """The seed of image ``slot``'s own (t, ε) stream when a pair's images do not share them; slot 0 keeps ``seed``
+    (so its draws equal the shared ones)."""
+    return seed if slot == 0 else (seed * 0x2545F4914F6CDD1D + slot * 0x9E3779B97F4A7C15) & (2**63 - 1)
+
+
 def uniform_timestep(
     g: torch.Generator, num_train_timesteps: int, grid: tuple[int, ...] | None = None
 ) -> torch.Tensor:
@@ -171,6 +177,8 @@ def reference_error_inputs(spec: Any, params: Any) -> dict[str, Any] | None:
         "error_space": spec.error_space,
         "error_weighting": getattr(params, "error_weighting", "none"),
     }
+    if not getattr(spec, "shared_noise", True):  # (keys of caches made with shared noise stay as they were)
+        out["shared_noise"] = False
     if spec.noising == "gaussian":
         return out
     if spec.noising == "ddim_inversion":

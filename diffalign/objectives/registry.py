@@ -2,7 +2,7 @@
 
 A loop never asks "which method is this?"; it reads the spec: whether a reference model is needed, which inputs the
 loss takes, whether the losers go through the UNet, which timestep distribution, noising and error space the step
-uses, and the prefix of the method's metrics. The method's hyperparameters are a dataclass of its own (fields with
+uses, whether the two images of a pair share their noise, and the prefix of the method's metrics. The method's hyperparameters are a dataclass of its own (fields with
 help texts); the command line and the YAML recipes expose its fields as flat ``--flags`` next to the common ones.
 
 Adding a method: write ``diffalign/objectives/<method>.py`` with the loss, its hyperparameter dataclass and a
@@ -28,6 +28,9 @@ OBJECTIVE_MODULES: dict[str, str] = {
     "inpo": "diffalign.objectives.inpo",
     "prdp": "diffalign.objectives.prdp",
     "ddpo": "diffalign.objectives.ddpo",
+    "dreambooth": "diffalign.objectives.dreambooth",
+    "dreambooth_prior": "diffalign.objectives.dreambooth",
+    "rpo": "diffalign.objectives.rpo",
 }
 
 INPUTS = ("pair_errors", "winner_errors", "trajectory_logprobs")
@@ -68,6 +71,8 @@ class ObjectiveSpec:
     noising: str = "gaussian"
     error_space: str = "target"
     metric_prefix: str = "dpo"
+    # Diffusion-DPO: winner and loser share t and ε. False: each image draws its own (DreamBooth, RPO as coded)
+    shared_noise: bool = True
     prepare_rewards: Callable[..., Any] | None = None
     min_images_per_prompt: int = 1
 

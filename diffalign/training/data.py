@@ -129,6 +129,13 @@ def build_train_data(cfg, comps: mp.Components, accelerator) -> TrainData:
         pairs.limit(cfg.max_train_samples)
         info["max_train_samples"] = cfg.max_train_samples
     require_pairs(cfg, len(pairs), pairs.stats)
+    if cfg.use_cache and "caption_1" in pairs.data.column_names:
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"dataset {cfg.dataset!r} has a caption_1 column (each image its own prompt, subject-driven data); the "
+            "latent cache stores one caption per pair: set use_cache false"
+        )
     if cfg.use_cache:
         from .cached import build_cached_data
 

@@ -7,7 +7,9 @@
           ─► reference prediction (if spec.needs_reference; no grad, autocast) ─► err_ref [N]
           ─► objective (spec.loss) ─► (loss [B], metrics)
 
-Winners and losers are stacked ``[w_0..w_{B-1}, l_0..l_{B-1}]`` and share ``t`` and ``ε`` (Diffusion-DPO).
+Winners and losers are stacked ``[w_0..w_{B-1}, l_0..l_{B-1}]`` and share ``t`` and ``ε`` (Diffusion-DPO), unless
+the spec says ``shared_noise=False`` (each image its own draw). Data with a ``caption_1`` column gives the slot-1 images
+their own prompts (subject-driven tuning: reference images and generated images in one batch).
 """
 
 from __future__ import annotations
@@ -84,30 +86,45 @@ class PairStep:
     def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with record_function("diffalign/encode"):
             latents, text = self.latents_and_text(batch)
+            # the slot-1 images' own prompts (a caption_1 column); text encoders are cheap next to the UNet
+            text_1 = mp.encode_prompts(self.comps, list(batch["captions_1"])) if "captions_1" in batch else None
         k = 2 if self.spec.uses_losers else 1  # SFT: winners only, half the UNet work
         x0 = torch.cat([latents[:, i] for i in range(k)], dim=0)  # [kB, C, h, w]
 
         with record_function("diffalign/pair_randomness"):
-            t, noise, u = parts.pair_randomness(
-                batch["index"],
-                self.seed,
-                epoch,
-                tuple(x0.shape[1:]),
-                len(self.alphas_cumprod),
-                self.spec.timesteps,
-                self.timestep_grid,
-            )
-        t, noise, u = t.to(self.device), noise.to(self.device), u.to(self.device)
+            draws = [
+                parts.pair_randomness(
+                    batch["index"],
+                    parts.slot_seed(self.seed, slot),
+                    epoch,
+                    tuple(x0.shape[1:]),
+                    len(self.alphas_cumprod),
+                    self.spec.timesteps,
+                    self.timestep_grid,
+                )
+                for slot in range(1 if self.spec.shared_noise else k)
+            ]
+        u = draws[0][2].to(self.device)  # prompt dropout: decided per pair, from the slot-0 stream
         if self.prompt_dropout > 0:  # replace captions by "" for a share of pairs (same for winner and loser)
             text = mc.drop_prompts(text, self.empty_text, u < self.prompt_dropout)
+            if text_1 is not None:
+                text_1 = mc.drop_prompts(text_1, self.empty_text, u < self.prompt_dropout)
 
         def rows(x):  # per-pair values -> the stacked layout
             return torch.cat([x] * k, dim=0)
 
-        tk, noise_k = rows(t), rows(noise)
+        if self.spec.shared_noise:  # Diffusion-DPO: winner and loser share t and ε
+            tk, noise_k = rows(draws[0][0]).to(self.device), rows(draws[0][1]).to(self.device)
+        else:  # one (t, ε) per image
+            tk = torch.cat([d[0] for d in draws]).to(self.device)
+            noise_k = torch.cat([d[1] for d in draws]).to(self.device)
+        if text_1 is None:
+            text_k = {n: rows(v) for n, v in text.items()}
+        else:  # each slot its own prompt (subject-driven data: reference image / generated image)
+            text_k = {n: torch.cat([text[n], text_1[n]][:k], dim=0) for n in text}
         cond = mc.text_conditioning(
             self.comps,
-            {n: rows(v) for n, v in text.items()},
+            text_k,
             self.resolution,
             _image_rows(batch.get("original_sizes"), k),
             _image_rows(batch.get("crop_top_lefts"), k),
