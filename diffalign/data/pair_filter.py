@@ -25,7 +25,7 @@ ignores ``label_w`` must not be fed ties: it would train them as "image 0 wins".
 A "random winner" policy is deliberately not offered: it is label noise.
 
 Soft labels: a row with ``label_0 + label_1 = 1`` and ``0 < label_0 < 1`` (other than 0.5) states a preference
-probability, e.g. RPO's ``σ(r_ref − r_gen)`` (:mod:`diffalign.data.subject_pairs`). It is always kept (the tie policy
+probability, e.g. RPO's ``σ(r_ref − r_gen)`` (:mod:`diffalign.training.subject_pairs`). It is always kept (the tie policy
 is about exact ties), in source order, with ``pref_prob = label_0``; :func:`classify_row` returns
 ``winner = SOFT_LABEL``. Pick-a-Pic itself has none.
 """
