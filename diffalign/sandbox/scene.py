@@ -1,8 +1,9 @@
 """The sandbox world's scenes and their deterministic renderer.
 
 A scene is one object (a shape of some kind, colour, size and position) on a plain background, with optional
-attributes (an outline) and optional defects that real web images have too: an *unsafe* hazard mark in a corner,
-pixel noise, and smear (blur). Rendering is a pure function of the :class:`Scene`: the same scene always gives the
+attributes (an outline; a second colour laid out in a two-tone ``pattern``, which captions cannot ask for: only the
+sandbox's DreamBench subjects, ``subjects.py``, use it) and optional defects that real web images have too: an
+*unsafe* hazard mark in a corner, pixel noise, and smear (blur). Rendering is a pure function of the :class:`Scene`: the same scene always gives the
 same pixels, bit for bit (anti-aliasing by 4x supersampling, no randomness inside :func:`render`).
 
 Images are ``uint8`` arrays of shape ``(IMAGE_SIZE, IMAGE_SIZE, 3)``. The geometry helpers (:func:`shape_mask`) are
@@ -49,6 +50,17 @@ HAZARD_SIZE = 8
 HAZARD_YELLOW = (250, 220, 0)
 HAZARD_BLACK = (10, 10, 10)
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+# Two-tone patterns (``Scene.pattern``): where the object shows ``color`` and where ``color2``. The geometry is
+# relative to the object's centre and radius, so a pattern moves and scales with its object.
+#   solid    one colour (``color2`` must be None): every scene of the captions' world
+#   split_h  top half ``color``, bottom half ``color2``
+#   split_v  left half ``color``, right half ``color2``
+#   stripes  horizontal bands of height 0.4 r (3 px for a large object), the middle band ``color``, alternating
+#   checker  2x2 checks around the centre: top-left and bottom-right ``color``, the other two ``color2``
+#   dot      a centre disc of radius 0.55 r in ``color2``, the rest ``color``
+PATTERNS = ("solid", "split_h", "split_v", "stripes", "checker", "dot")
+STRIPE_HEIGHT = 0.4  # times the radius
+DOT_RADIUS = 0.55  # times the radius
 
 
 def outline_color(background: str) -> tuple[int, int, int]:
@@ -75,6 +87,8 @@ class Scene:
     dy: float = 0.0
     scale: float = 1.0
     seed: int = 0  # seeds the noise pattern only
+    color2: str | None = None  # the second colour of a two-tone pattern (None for "solid")
+    pattern: str = "solid"  # one of PATTERNS: where the object shows ``color`` and where ``color2``
 
     def __post_init__(self) -> None:
         for name, value, valid in (
@@ -87,6 +101,23 @@ class Scene:
         ):
             if value not in valid:
                 raise ValueError(f"Scene.{name}={value!r} is not one of {sorted(valid)}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"Scene.pattern={self.pattern!r} is not one of {list(PATTERNS)}")
+        if self.pattern == "solid":
+            if self.color2 is not None:
+                raise ValueError(
+                    f"Scene.color2={self.color2!r} needs a two-tone pattern (one of {list(PATTERNS[1:])}); "
+                    "a solid object has one colour (color2=None)"
+                )
+        elif self.color2 not in OBJECT_COLORS:
+            raise ValueError(
+                f"Scene.color2={self.color2!r} is not one of {sorted(OBJECT_COLORS)} (pattern {self.pattern!r} "
+                "needs a second colour)"
+            )
+        elif self.color2 == self.color:
+            raise ValueError(
+                f"Scene.color2={self.color2!r} equals Scene.color: a two-tone pattern needs two different colours"
+            )
 
     def replace(self, **changes) -> Scene:
         return dataclasses.replace(self, **changes)
@@ -129,6 +160,29 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: n
     raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
 
 
+def pattern_mask(pattern: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Boolean mask, broadcast to ``xs`` x ``ys``, of where a ``pattern`` object of centre ``(cx, cy)`` and radius
+    ``r`` shows its first colour (``Scene.color``); elsewhere it shows ``Scene.color2`` (see :data:`PATTERNS`)."""
+    x = xs - cx
+    y = ys - cy
+    shape = np.broadcast_shapes(np.shape(xs), np.shape(ys))
+    if pattern == "solid":
+        m = np.ones(shape, dtype=bool)
+    elif pattern == "split_h":
+        m = y < 0
+    elif pattern == "split_v":
+        m = x < 0
+    elif pattern == "stripes":
+        m = np.floor(y / (STRIPE_HEIGHT * r) + 0.5) % 2 == 0
+    elif pattern == "checker":
+        m = (x < 0) == (y < 0)
+    elif pattern == "dot":
+        m = x * x + y * y > (DOT_RADIUS * r) ** 2
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; valid: {PATTERNS}")
+    return np.broadcast_to(m, shape)
+
+
 def _grid(size: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
     n = size * supersample
     c = (np.arange(n, dtype=np.float64) + 0.5) / supersample
@@ -140,6 +194,29 @@ def coverage(shape: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZE)
     xs, ys = _grid(size, SUPERSAMPLE)
     m = shape_mask(shape, cx, cy, r, xs, ys).astype(np.float64)
     return m.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def pattern_coverage(
+    shape: str,
+    pattern: str,
+    cx: float,
+    cy: float,
+    r: float,
+    pattern_r: float | None = None,
+    size: int = IMAGE_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased coverage of a two-tone object's two colour regions, ``(size, size)`` float64 each (4x4
+    supersampling): where the shape of radius ``r`` shows its first colour and where its second. The pattern's
+    geometry uses ``pattern_r`` (default ``r``): an outlined object's fill is 0.5 px smaller than its radius, its
+    pattern is not."""
+    xs, ys = _grid(size, SUPERSAMPLE)
+    m = shape_mask(shape, cx, cy, r, xs, ys)
+    p = pattern_mask(pattern, cx, cy, r if pattern_r is None else pattern_r, xs, ys)
+
+    def pool(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float64).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+    return pool(m & p), pool(m & ~p)
 
 
 def hazard_patch() -> np.ndarray:
@@ -182,7 +259,18 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     img = np.broadcast_to(bg, (size, size, 3)).copy()
     cx, cy = scene.center
     r = scene.radius
-    if scene.outline:
+    if scene.pattern != "solid":  # two-tone (solid scenes take the unchanged branches below)
+        fg2 = np.array(OBJECT_COLORS[scene.color2], dtype=np.float64) / 255.0
+        fill_r = r
+        if scene.outline:
+            oc = np.array(outline_color(scene.background), dtype=np.float64) / 255.0
+            a_out = coverage(scene.shape, cx, cy, r + 1.0)[..., None]
+            img = img * (1 - a_out) + oc * a_out
+            fill_r = r - 0.5
+        a1, a2 = pattern_coverage(scene.shape, scene.pattern, cx, cy, fill_r, pattern_r=r)
+        a1, a2 = a1[..., None], a2[..., None]
+        img = img * (1 - a1 - a2) + fg * a1 + fg2 * a2
+    elif scene.outline:
         oc = np.array(outline_color(scene.background), dtype=np.float64) / 255.0
         a_out = coverage(scene.shape, cx, cy, r + 1.0)[..., None]
         img = img * (1 - a_out) + oc * a_out
