@@ -24,7 +24,7 @@ source order (image 0 first) with ``pref_prob = 0.5`` and ``is_tie = True``; bat
 ignores ``label_w`` must not be fed ties: it would train them as "image 0 wins".
 A "random winner" policy is deliberately not offered: it is label noise.
 
-Soft labels: a row with ``label_0 + label_1 = 1`` and ``0 < label_0 < 1`` (other than 0.5) states a preference
+Soft labels: a row with ``label_0 + label_1 = 1`` (within 1e-6) and ``0 < label_0 < 1`` (other than 0.5) states a preference
 probability, e.g. RPO's ``σ(r_ref − r_gen)`` (:mod:`diffalign.training.subject_pairs`). It is always kept (the tie policy
 is about exact ties), in source order, with ``pref_prob = label_0``; :func:`classify_row` returns
 ``winner = SOFT_LABEL``. Pick-a-Pic itself has none.
@@ -175,7 +175,7 @@ def classify_row(
         if tie_policy == "drop":
             return "tie", 0
         winner = TIE
-    elif 0.0 < l0 < 1.0 and abs(l0 + l1 - 1.0) <= 1e-9:
+    elif 0.0 < l0 < 1.0 and abs(l0 + l1 - 1.0) <= 1e-6:  # (labels computed in float32 sum to 1 within ~1e-7)
         winner = SOFT_LABEL
     else:
         return "invalid_label", 0

@@ -349,7 +349,11 @@ class ClipEmbedder:
 class DreamBenchConfig(SamplingConfig):
     """Settings of :func:`run_dreambench` (the script's flags have the same names)."""
 
-    data: str = _help("DreamBench directory (holding dataset/ or prompts_and_classes.txt itself)", "")
+    data: str = _help(
+        "DreamBench directory (holding dataset/ or prompts_and_classes.txt itself); 'sandbox' = the shipped sandbox "
+        "subjects",
+        "",
+    )
     subjects: list[str] | None = _help(
         "comma-separated subject names (default: every subject with images)", None
     )
@@ -397,6 +401,10 @@ class DreamBenchConfig(SamplingConfig):
 
 
 METRICS = ("dino", "clip_i", "clip_t", "harmonic")
+#: sandbox only: the judge's prompt-following on the prompt without the unique token (the context words and the
+#: class), and the programmatic subject match of :func:`diffalign.sandbox.subjects.subject_similarity`
+SANDBOX_METRICS = ("judge_context", "subject_match")
+METRIC_LABELS = {"judge_context": "judge context", "subject_match": "subject match"}
 
 
 def _square(img: Image.Image, side: int) -> np.ndarray:
@@ -423,14 +431,16 @@ def format_table(results: dict) -> str:
     """The papers' table: subject rows, then the means (overall, live, object)."""
     dino_label = "DINO*" if results["backbones"]["dino"]["stand_in_for"] else "DINO"
     lam = results["settings"]["lam"]
-    header = ["subject", "class", "model", dino_label, "CLIP-I", "CLIP-T", f"λ-harmonic (λ={lam})"]
+    metrics = results.get("metrics", list(METRICS))
+    extra = [METRIC_LABELS[m] for m in metrics if m not in METRICS]
+    header = ["subject", "class", "model", dino_label, "CLIP-I", "CLIP-T", f"λ-harmonic (λ={lam})", *extra]
     rows = [
-        [name, s["class"] + (" (live)" if s["live"] else ""), s["model"], *(s[m] for m in METRICS)]
+        [name, s["class"] + (" (live)" if s["live"] else ""), s["model"], *(s[m] for m in metrics)]
         for name, s in results["subjects"].items()
     ]
     for key, label in (("mean", "**mean**"), ("mean_live", "mean (live)"), ("mean_object", "mean (object)")):
         if results.get(key):
-            rows.append([label, f"n={results[key]['n_subjects']}", "", *(results[key][m] for m in METRICS)])
+            rows.append([label, f"n={results[key]['n_subjects']}", "", *(results[key][m] for m in metrics)])
     return markdown_table(header, rows)
 
 
@@ -468,16 +478,39 @@ def format_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _group_mean(subjects: dict, names: list[str]) -> dict | None:
+def _group_mean(subjects: dict, names: list[str], metrics: Sequence[str] = METRICS) -> dict | None:
     if not names:
         return None
     out: dict = {"n_subjects": len(names)}
-    for m in METRICS:
+    for m in metrics:
         vals = [subjects[n][m] for n in names]
         out[m] = float(np.mean(vals))
         if len(vals) >= 2:
             ci = mean_ci(vals)
             out[f"{m}_ci"] = [ci["ci_low"], ci["ci_high"]]
+    return out
+
+
+def resolve_dreambench_dir(data: str | Path) -> Path:
+    """``"sandbox"`` → the shipped sandbox subjects (``diffalign/sandbox/assets/dreambench``); a path unchanged."""
+    if str(data) == "sandbox":
+        from ..sandbox import ASSETS_DIR
+
+        return ASSETS_DIR / "dreambench"
+    return Path(data)
+
+
+def sandbox_metrics(images: np.ndarray, prompts: list[str], subject_name: str) -> dict[str, Tensor]:
+    """Per image ``[N]``: ``judge_context`` (the sandbox judge's prompt-following on the prompt without the unique
+    token) and, for a shipped sandbox subject, ``subject_match``."""
+    from ..sandbox.judge import Judge
+    from ..sandbox.subjects import SUBJECTS_BY_NAME, subject_similarity
+
+    out = {"judge_context": torch.from_numpy(Judge().score(images, prompts)["prompt_following"]).float()}
+    if subject_name in SUBJECTS_BY_NAME:
+        out["subject_match"] = torch.from_numpy(
+            subject_similarity(images, SUBJECTS_BY_NAME[subject_name])
+        ).float()
     return out
 
 
@@ -490,7 +523,7 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    data = load_dreambench(cfg.data, cfg.subjects, cfg.live_classes)
+    data = load_dreambench(resolve_dreambench_dir(cfg.data), cfg.subjects, cfg.live_classes)
     print(
         f"DreamBench at {data.root}: {len(data.subjects)} subjects "
         f"({sum(s.live for s in data.subjects)} live, {sum(not s.live for s in data.subjects)} objects), "
@@ -543,6 +576,10 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
             clip.texts(text_rows),
             cfg.lam,
         )
+        if sandbox:
+            m.update(
+                sandbox_metrics(images, [remove_token(x, cfg.unique_token) for x in rows_p], subject.name)
+            )
         per_prompt = {
             m_name: v.reshape(len(prompts), len(seeds)).mean(dim=1).tolist() for m_name, v in m.items()
         }
@@ -565,7 +602,9 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
                 Image.fromarray(img).save(d / f"p{i // len(seeds):02d}_s{rows_s[i]}.png")
 
     names = list(subjects)
+    metrics = [k for k in (*METRICS, *SANDBOX_METRICS) if all(k in s for s in subjects.values())]
     results = {
+        "metrics": metrics,
         "benchmark": "dreambench-protocol",
         "data": str(data.root),
         "settings": {**asdict(cfg), "device": device},
@@ -576,9 +615,9 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
         else "the full prompt (with the unique token)",
         "backbones": {"dino": dino_info, "clip": {"name": clip_name}},
         "subjects": subjects,
-        "mean": _group_mean(subjects, names),
-        "mean_live": _group_mean(subjects, [n for n in names if subjects[n]["live"]]),
-        "mean_object": _group_mean(subjects, [n for n in names if not subjects[n]["live"]]),
+        "mean": _group_mean(subjects, names, metrics),
+        "mean_live": _group_mean(subjects, [n for n in names if subjects[n]["live"]], metrics),
+        "mean_object": _group_mean(subjects, [n for n in names if not subjects[n]["live"]], metrics),
         "missing_subjects": data.missing,
         "unknown_subjects": data.unknown,
         "seconds": round(time.time() - t0, 1),
