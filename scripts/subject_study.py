@@ -66,18 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train(method: str, seed: int) -> tuple[str, float]:
         d = out / method / f"seed-{seed}"
-        cmd = [
-            py,
-            "scripts/train_subjects.py",
-            "--config",
-            f"configs/sandbox_{method}.yaml",
-            "--seed",
-            str(seed),
-            "--subject_output_dir",
-            str(d),
-            *subj,
-            *args.train_args,
-        ]
+        cmd = [py, "scripts/train_subjects.py", "--config", f"configs/sandbox_{method}.yaml", "--seed", str(seed),
+               "--subject_output_dir", str(d), "--subject_eval", "false", *subj, *args.train_args]  # fmt: skip
         if method == "rpo":
             cmd += lam_flags
         return f"train {method} seed {seed}", _run(cmd, out / "logs" / f"train-{method}-{seed}.log")

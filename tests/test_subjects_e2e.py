@@ -25,45 +25,21 @@ def _script(name: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("subjects")
-    common = ["--subject_subjects", SUBJECT, "--max_train_steps", "80", "--report_to", "none"]
+    common = ["--subject_subjects", SUBJECT, "--max_train_steps", "80", "--report_to", "none",
+              "--subject_eval_images_per_prompt", "2"]  # fmt: skip
     train = _script("train_subjects").main
     rpo = train(
-        [
-            "--config",
-            str(ROOT / "configs/sandbox_rpo.yaml"),
-            *common,
-            "--subject_output_dir",
-            str(out / "rpo"),
-            "--subject_select_every",
-            "40",
-        ]
-    )
+        ["--config", str(ROOT / "configs/sandbox_rpo.yaml"), *common, "--subject_output_dir", str(out / "rpo"),
+         "--subject_select_every", "40"]
+    )  # fmt: skip
     db = train(
-        [
-            "--config",
-            str(ROOT / "configs/sandbox_dreambooth.yaml"),
-            *common,
-            "--subject_output_dir",
-            str(out / "db"),
-        ]
-    )
+        ["--config", str(ROOT / "configs/sandbox_dreambooth.yaml"), *common, "--subject_output_dir", str(out / "db")]
+    )  # fmt: skip
     return out, rpo, db
 
 
-def _bench(out: Path, name: str, models: Path | None) -> dict:
-    argv = [
-        "--data",
-        "sandbox",
-        "--subjects",
-        SUBJECT,
-        "--images_per_prompt",
-        "2",
-        "--output_dir",
-        str(out / name),
-    ]
-    if models is not None:
-        argv += ["--subject_models", str(models)]
-    return _script("benchmark_dreambench").main(argv)
+def _means(path: Path) -> dict:
+    return json.loads((path / "results.json").read_text())["mean"]
 
 
 def test_rpo_pairs_selection_and_outputs(trained):
@@ -80,20 +56,35 @@ def test_rpo_pairs_selection_and_outputs(trained):
         scores = {s["step"]: s["harmonic"][lam] for s in sel["scores"]}
         assert sel["step"] == max(scores, key=scores.get)  # the best candidate for this λ
         assert (out / "rpo" / f"lambda-{lam}" / SUBJECT / "pytorch_lora_weights.safetensors").is_file()
+        # the run ends with the DreamBench protocol and the common eval.json (win rate over the base, Wilson CI)
+        ev = json.loads((out / "rpo" / f"lambda-{lam}" / "eval.json").read_text())
+        w = ev["win_rate"]
+        assert ev["num_prompts"] == 14 and ev["seeds_per_prompt"] == 2
+        assert w["wins"] + w["ties"] + w["losses"] == 14 and w["ci_low"] <= w["win_rate"] <= w["ci_high"]
+        assert set(ev["aspects"]) >= {
+            "dino",
+            "clip_i",
+            "clip_t",
+            "harmonic",
+            "judge_context",
+            "subject_match",
+        }
     # the DreamBooth data: class images with the class prompt, decided labels
     rows = pq.read_table(
         out / "db" / "runs" / SUBJECT / "pairs" / "data" / "train-00000-of-00001.parquet"
     ).to_pydict()
     assert set(rows["caption_1"]) == {"a circle"} and set(rows["label_0"]) == {1.0}
+    assert (out / "db" / "eval.json").is_file()
 
 
 def test_subject_models_draw_the_subject(trained):
     """The effect: after 80 steps both methods draw the two-tone subject far more often than the base (which
     cannot: no caption names two colours), measured by the DreamBench protocol on the held-out prompts."""
     out, _, _ = trained
-    base = _bench(out, "base", None)["mean"]
-    rpo = _bench(out, "rpo", out / "rpo" / "lambda-0.5")["mean"]
-    db = _bench(out, "db", out / "db")["mean"]
+    base = _means(out / "rpo" / "eval" / "base")
+    rpo = _means(out / "rpo" / "eval" / "lambda-0.5")
+    db = _means(out / "db" / "eval" / "db")
+    assert base == _means(out / "db" / "eval" / "base")  # same prompts and seeds on every side
     assert base["subject_match"] < 0.1
     assert rpo["subject_match"] > base["subject_match"] + 0.1, (base, rpo)
     assert db["subject_match"] > base["subject_match"] + 0.1, (base, db)

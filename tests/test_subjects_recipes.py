@@ -4,6 +4,7 @@ in ../shared/data), with only the model swapped for a tiny random pipeline and t
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def test_recipe_runs_on_dreambench_layout(recipe, model, tiny, tmp_path):
             "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
             "--subject_data", str(MINI), "--subject_subjects", "vase", "--subject_output_dir", str(tmp_path),
             "--subject_num_generated", "1", "--subject_steps", "2", "--subject_select_seeds", "0",
-            "--subject_clip", "sandbox-clip", *select,
+            "--subject_clip", "sandbox-clip", "--subject_dino", "sandbox-dino-standin",
+            "--subject_eval_images_per_prompt", "1", *select,
             "--pretrained_model", str(tiny[model]), "--resolution", "16", "--max_train_steps", "2",
             "--mixed_precision", "no", "--report_to", "none",
         ]
@@ -54,3 +56,34 @@ def test_recipe_runs_on_dreambench_layout(recipe, model, tiny, tmp_path):
     from diffalign.eval.benchmark_models import resolve_variant
 
     assert resolve_variant(dest).kind == ("unet" if cfg["finetune"] == "full" else "lora")
+    ev = json.loads((dest.parent / "eval.json").read_text())  # the DreamBench protocol ran on the real layout
+    assert ev["num_prompts"] == 25 and ev["seeds_per_prompt"] == 1
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason=f"the DreamBench subset {MINI} is absent (../shared/data)")
+def test_rerun_in_the_same_directory_trains_afresh(tiny, tmp_path):
+    """A second run into the same output directory must not resume from the first run's checkpoints (a longer
+    earlier run's checkpoint-4 would otherwise be taken for the latest one after step 1)."""
+    import hashlib
+
+    def run(steps: int) -> dict:
+        return _train_subjects()(
+            [
+                "--config", str(ROOT / "configs" / "sd15_rpo.yaml"), "--subject_data", str(MINI),
+                "--subject_subjects", "vase", "--subject_output_dir", str(tmp_path), "--subject_num_generated", "1",
+                "--subject_steps", "2", "--subject_select_seeds", "0", "--subject_clip", "sandbox-clip",
+                "--subject_select_every", "1", "--subject_eval", "false", "--pretrained_model", str(tiny["sd"]),
+                "--resolution", "16", "--max_train_steps", str(steps), "--mixed_precision", "no",
+                "--learning_rate", "1e-3", "--report_to", "none",
+            ]
+        )["subjects"]["vase"]["candidates"]  # fmt: skip
+
+    def digest(c: dict) -> str:
+        return hashlib.sha256(
+            (Path(c["weights"]) / "diffusion_pytorch_model.safetensors").read_bytes()
+        ).hexdigest()
+
+    first = {c["step"]: digest(c) for c in run(4)}
+    second = {c["step"]: digest(c) for c in run(2)}
+    assert list(second) == [1, 2]
+    assert second[1] == first[1] and second[2] == first[2]  # the same fresh run, not a resumed stale one

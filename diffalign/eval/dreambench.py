@@ -592,6 +592,8 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
             **{k: float(v.mean()) for k, v in m.items()},
             "prompts": prompts,
             "per_prompt": per_prompt,
+            # every image, prompt-major (prompt i's seeds at i*S .. i*S + S - 1): paired comparisons between models
+            "per_image": {m_name: [round(float(x), 6) for x in v.tolist()] for m_name, v in m.items()},
         }
         grids[subject.name] = out_dir / "grids" / f"{subject.name}.png"
         subject_grid(refs, images, len(seeds)).save(grids[subject.name])
@@ -636,3 +638,38 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
         f"generated ones, {2 * len(seeds)} per row)"
     )
     return results
+
+
+def compare_to_base(results: dict, base: dict, primary: str = "harmonic", tie_tol: float = 1e-6) -> dict:
+    """The common ``eval.json`` shape for two DreamBench runs on the same prompts and seeds: the win rate of
+    ``results`` over ``base`` per prompt (its seeds averaged; every subject's prompts pooled) on ``primary``
+    (λ-Harmonic by default, RPO's trade-off of subject and text), with a Wilson 95% interval, and every metric's
+    mean and 95% CI over the images on both sides."""
+    from .stats import paired_win_rate
+
+    if results["seeds"] != base["seeds"] or list(results["subjects"]) != list(base["subjects"]):
+        raise ValueError("compare_to_base needs two runs over the same subjects and seeds")
+    S = len(results["seeds"])
+    a_all, b_all, aspects = [], [], {}
+    for name, s in results["subjects"].items():
+        b = base["subjects"][name]
+        if s["prompts"] != b["prompts"]:
+            raise ValueError(f"subject {name}: the two runs used different prompts")
+        a_all.append(np.asarray(s["per_image"][primary]).reshape(-1, S).mean(axis=1))
+        b_all.append(np.asarray(b["per_image"][primary]).reshape(-1, S).mean(axis=1))
+    for m in results.get("metrics", METRICS):
+        av = np.concatenate([np.asarray(s["per_image"][m]) for s in results["subjects"].values()])
+        bv = np.concatenate([np.asarray(b["per_image"][m]) for b in base["subjects"].values()])
+        aspects[m] = {"base": mean_ci(bv), "aligned": mean_ci(av)}
+    a, b = np.concatenate(a_all), np.concatenate(b_all)
+    return {
+        "protocol": "dreambench",
+        "primary": primary,
+        "lambda": results["settings"]["lam"],
+        "num_prompts": int(len(a)),
+        "num_images_per_side": int(len(a) * S),
+        "seeds_per_prompt": S,
+        "win_rate": paired_win_rate(a, b, tie_tol=tie_tol),
+        "aspects": aspects,
+        "subjects": list(results["subjects"]),
+    }

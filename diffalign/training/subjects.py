@@ -53,6 +53,13 @@ class SubjectRunConfig:
     select_lambdas: list[float] = _help("λ values to select checkpoints for (lambda-<λ>/ per value)", [0.5])
     select_seeds: list[int] = _help("seeds per validation prompt in checkpoint selection", [0, 1, 2, 3])
     clip: str | None = _help("CLIP for labels and selection (default: sandbox-clip / clip-vit-l14)", None)
+    eval: bool = _help(
+        "end with the DreamBench protocol on base and trained models (eval/ and <model set>/eval.json)", True
+    )
+    eval_images_per_prompt: int = _help("images per evaluation prompt (DreamBench: 4)", 4)
+    dino: str | None = _help(
+        "DINO backbone of the evaluation (default: sandbox stand-in / dino-vits16)", None
+    )
     steps: int = _help("sampling steps for generated images", 20)
     guidance: float = _help("guidance for generated images", 5.0)
 
@@ -201,6 +208,9 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
             )  # the LoRA (pytorch_lora_weights.safetensors) or the full UNet
             (dest / "selection.json").write_text(json.dumps(info, indent=2))
         summary["subjects"][subject.name] = {"pairs": record, "candidates": candidates, "selected": chosen}
+    if cfg.eval:
+        sets = [out / f"lambda-{lam:g}" for lam in cfg.select_lambdas] if cfg.select_every else [out]
+        summary["eval"] = _evaluate(cfg, root, base, [s.name for s in data.subjects], sets, out / "eval")
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "subjects.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -215,6 +225,10 @@ def _train(
 
     del record
     run_dir = s_dir / "run"
+    # a fresh run every time: a checkpoint left by an earlier run would be taken for this run's latest one
+    for stale in (run_dir, s_dir / "candidates"):
+        if stale.exists():
+            shutil.rmtree(stale)
     argv = [
         "--config",
         str(yaml_path),
@@ -248,6 +262,43 @@ def _train(
         shutil.copytree(exported, keep)
         candidates.append({"step": stop, "weights": str(keep)})
     return candidates
+
+
+def _evaluate(
+    cfg: SubjectRunConfig, root: Path, base: str, subjects: list[str], sets: list[Path], eval_dir: Path
+):
+    """The DreamBench protocol on the base and on every model set (same prompts and seeds), and each set's
+    ``eval.json`` (win rate over the base on the λ-Harmonic reward, every metric's mean and CI)."""
+    from ..eval.dreambench import DreamBenchConfig, compare_to_base, run_dreambench
+
+    def bench(name: str, models: Path | None) -> dict:
+        return run_dreambench(
+            DreamBenchConfig(
+                data=str(root),
+                subjects=subjects,
+                base=str(base),
+                subject_models=str(models) if models else None,
+                unique_token=cfg.unique_token,
+                images_per_prompt=cfg.eval_images_per_prompt,
+                clip=cfg.clip,
+                dino=cfg.dino,
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                output_dir=str(eval_dir / name),
+            )
+        )
+
+    base_results = bench("base", None)
+    out = {}
+    for s in sets:
+        result = compare_to_base(bench(s.name, s), base_results)
+        (s / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+        w = result["win_rate"]
+        print(
+            f"{s}: λ-Harmonic win rate over the base {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+        )
+        out[s.name] = {"win_rate": w, "eval_json": str(s / "eval.json")}
+    return out
 
 
 def _max_steps(argv: list[str]) -> int:
