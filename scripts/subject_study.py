@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--subjects", nargs="*", default=None, help="subject names (default: all)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time (one thread each)")
+    ap.add_argument("--methods", nargs="+", default=["dreambooth", "rpo"], choices=["dreambooth", "rpo"])
     ap.add_argument("--output_dir", default="outputs/subject-study")
     ap.add_argument(
         "--train_args", nargs=argparse.REMAINDER, default=[], help="extra flags for both trainings"
@@ -90,12 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, float] = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         jobs = [pool.submit(bench, "base", None)]
-        jobs += [pool.submit(train, m, s) for s in args.seeds for m in ("dreambooth", "rpo")]
+        jobs += [pool.submit(train, m, s) for s in args.seeds for m in args.methods]
         for j in jobs:
             k, v = j.result()
             timings[k] = v
-        variants = {f"dreambooth-seed-{s}": out / "dreambooth" / f"seed-{s}" for s in args.seeds}
-        for s in args.seeds:
+        variants = {}
+        if "dreambooth" in args.methods:
+            variants.update({f"dreambooth-seed-{s}": out / "dreambooth" / f"seed-{s}" for s in args.seeds})
+        for s in args.seeds if "rpo" in args.methods else []:
             for lam in args.lambdas:
                 variants[f"rpo-lambda-{lam:g}-seed-{s}"] = out / "rpo" / f"seed-{s}" / f"lambda-{lam:g}"
         for j in [pool.submit(bench, n, d) for n, d in variants.items()]:
@@ -107,8 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     def load(name: str) -> dict:
         return json.loads((out / "bench" / name / "results.json").read_text())
 
-    methods = {"base": ["base"], "DreamBooth": [f"dreambooth-seed-{s}" for s in args.seeds]}
-    for lam in args.lambdas:
+    methods = {"base": ["base"]}
+    if "dreambooth" in args.methods:
+        methods["DreamBooth"] = [f"dreambooth-seed-{s}" for s in args.seeds]
+    for lam in args.lambdas if "rpo" in args.methods else []:
         methods[f"RPO λ={lam:g}"] = [f"rpo-lambda-{lam:g}-seed-{s}" for s in args.seeds]
     table: dict[str, dict] = {}
     for method, names in methods.items():
