@@ -18,17 +18,40 @@ def test_every_training_config_loads_and_says_how_to_run_it(path):
     from diffalign.config import OnlineConfig
     from diffalign.objectives.registry import get_objective
 
-    objective = _yaml.safe_load(path.read_text()).get("objective", "dpo")
+    data = _yaml.safe_load(path.read_text())
+    objective = data.get("objective", "dpo")
     online = get_objective(objective).loop == "online"
+    subjects = any(k.startswith("subject_") for k in data)  # run per subject by scripts/train_subjects.py
     cls = OnlineConfig if online else DPOConfig
-    cfg = parse_config(cls, ["--config", str(path)])
+    if subjects:
+        from diffalign.training.subjects import split_argv
+
+        split_argv(data, [])  # the driver's own keys are valid
+        cfg = parse_config(cls, ["--config", str(_write(path, data))])
+    else:
+        cfg = parse_config(cls, ["--config", str(path)])
     assert isinstance(cfg, cls)
-    script = "scripts/train_online.py" if online else "scripts/train_diffusion_dpo.py"
+    script = (
+        "scripts/train_online.py"
+        if online
+        else "scripts/train_subjects.py"
+        if subjects
+        else "scripts/train_diffusion_dpo.py"
+    )
     assert script in path.read_text().split("\n\n")[0], f"{path} must name the script that trains it"
     head = path.read_text().splitlines()[0]
     assert head.startswith("#") and "scripts/" in path.read_text().split("\n\n")[0], (
         f"{path} must start with the command that runs it"
     )
+
+
+def _write(path: Path, data: dict) -> Path:
+    """The training part of a subject config (without its subject_* keys), written where it can be parsed."""
+    import tempfile
+
+    out = Path(tempfile.mkdtemp()) / path.name
+    out.write_text(yaml.safe_dump({k: v for k, v in data.items() if not k.startswith("subject_")}))
+    return out
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)

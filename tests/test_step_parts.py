@@ -92,7 +92,10 @@ def test_registry_contract():
         for f in dataclasses.fields(spec.params):
             assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
     assert get_objective("sft").uses_losers is False and get_objective("sft").needs_reference is False
-    with pytest.raises(ConfigError, match=r"choose one of \['ddpo', 'dpo', 'inpo', 'prdp', 'sft'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"choose one of \['ddpo', 'dpo', 'dreambooth', 'dreambooth_prior', 'inpo', 'prdp', 'rpo', 'sft'\]",
+    ):
         get_objective("dpo2")
     with pytest.raises(ValueError, match="noising='inversion'"):
         ObjectiveSpec(name="x", loss=lambda x, p: x, description="", noising="inversion")

@@ -75,6 +75,7 @@ SPECS = {
         inputs="winner_errors",
         needs_reference=False,
         shared_noise=False,
+        subject_pairs="class",
         metric_prefix="dreambooth",
     ),
     "dreambooth_prior": ObjectiveSpec(
@@ -85,6 +86,7 @@ SPECS = {
         inputs="pair_errors",
         needs_reference=False,
         shared_noise=False,
+        subject_pairs="class",
         metric_prefix="dreambooth",
     ),
 }

@@ -38,6 +38,7 @@ LOOPS = ("offline_pairs", "online")
 TIMESTEPS = ("uniform", "grid")
 NOISINGS = ("gaussian", "ddim_inversion")
 ERROR_SPACES = ("target", "x0")
+SUBJECT_PAIRS = ("context", "class")
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ObjectiveSpec:
     metric_prefix: str = "dpo"
     # Diffusion-DPO: winner and loser share t and ε. False: each image draws its own (DreamBooth, RPO as coded)
     shared_noise: bool = True
+    # subject-driven methods: what scripts/train_subjects.py puts in slot 1 next to the reference images —
+    # "context" (base images for context prompts, λ-Harmonic labels: RPO) or "class" (class images: DreamBooth)
+    subject_pairs: str | None = None
     prepare_rewards: Callable[..., Any] | None = None
     min_images_per_prompt: int = 1
 
@@ -83,6 +87,7 @@ class ObjectiveSpec:
             ("timesteps", self.timesteps, TIMESTEPS),
             ("noising", self.noising, NOISINGS),
             ("error_space", self.error_space, ERROR_SPACES),
+            ("subject_pairs", self.subject_pairs, (None, *SUBJECT_PAIRS)),
         ):
             if value not in valid:
                 raise ValueError(f"ObjectiveSpec {self.name!r}: {field}={value!r}; valid: {list(valid)}")
@@ -97,6 +102,11 @@ class ObjectiveSpec:
 
 def objective_names() -> list[str]:
     return sorted(OBJECTIVE_MODULES)
+
+
+def subject_objectives() -> list[str]:
+    """The objectives ``scripts/train_subjects.py`` runs (their spec names a ``subject_pairs`` stream)."""
+    return [n for n in objective_names() if get_objective(n).subject_pairs is not None]
 
 
 def get_objective(name: str) -> ObjectiveSpec:

@@ -111,6 +111,7 @@ SPECS = {
         inputs="pair_errors",
         needs_reference=True,
         shared_noise=False,
+        subject_pairs="context",
         metric_prefix="rpo",
     ),
 }

@@ -158,9 +158,12 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
     objective = train_yaml.get("objective", "dpo")
     if "--objective" in train_argv:
         objective = train_argv[train_argv.index("--objective") + 1]
-    if objective not in ("rpo", "dreambooth", "dreambooth_prior"):
+    from ..objectives.registry import get_objective, subject_objectives
+
+    spec = get_objective(objective)
+    if spec.subject_pairs is None:
         raise ConfigError(
-            f"scripts/train_subjects.py trains rpo, dreambooth or dreambooth_prior, not {objective!r}"
+            f"scripts/train_subjects.py trains subject-driven objectives ({subject_objectives()}), not {objective!r}"
         )
     base = train_yaml.get("pretrained_model", "sandbox")
     if "--pretrained_model" in train_argv:
@@ -178,7 +181,7 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
     pipe = load_base_pipeline(base, device)
     clip = ClipEmbedder.load(cfg.clip or ("sandbox-clip" if base == "sandbox" else "clip-vit-l14"), device)
     pairs_cfg = SubjectPairsConfig(
-        kind="rpo" if objective == "rpo" else "dreambooth",
+        kind="rpo" if spec.subject_pairs == "context" else "dreambooth",
         unique_token=cfg.unique_token,
         instance_template=cfg.instance_template,
         class_template=cfg.class_template,
