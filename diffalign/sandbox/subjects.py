@@ -33,7 +33,6 @@ from . import ASSETS_DIR
 from .captions import POSITION_PHRASES
 from .scene import (
     BACKGROUNDS,
-    CORNERS,
     IMAGE_SIZE,
     OBJECT_COLORS,
     PATTERNS,
@@ -234,27 +233,10 @@ FIT_ITERATIONS = 16
 EDGE_RESIDUAL = 12.0
 CUT_FRACTION = 0.97  # a fitted shape with less of its area in frame is cut by the frame
 OUTLINE_WIDTH = 1.5  # the renderer: outline out to r + 1, fill to r - 0.5
-CORNER_BOX = 10
-RING_WIDTH = 2
 
 _PALETTE = np.array(list(OBJECT_COLORS.values()), dtype=np.float64)
 _BG_NAMES = tuple(BACKGROUNDS)
 _BG_RGB = np.array([BACKGROUNDS[k] for k in _BG_NAMES], dtype=np.float64)
-
-
-def _corner_mask(corners: Sequence[str]) -> np.ndarray:
-    m = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-    for corner in corners:
-        r0 = 0 if corner.startswith("top") else IMAGE_SIZE - CORNER_BOX
-        c0 = 0 if corner.endswith("left") else IMAGE_SIZE - CORNER_BOX
-        m[r0 : r0 + CORNER_BOX, c0 : c0 + CORNER_BOX] = True
-    return m
-
-
-_RING = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-_RING[:RING_WIDTH] = _RING[-RING_WIDTH:] = True
-_RING[:, :RING_WIDTH] = _RING[:, -RING_WIDTH:] = True
-_RING &= ~_corner_mask(CORNERS)
 _FRAME = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
 _FRAME[[0, -1]] = _FRAME[:, [0, -1]] = True
 
@@ -308,7 +290,7 @@ def _locate(img: np.ndarray, colours: tuple[np.ndarray, np.ndarray] | None = Non
     subject's two), ``alpha = a1 + a2`` of ``p - bg ≈ a1 (c1 - bg) + a2 (c2 - bg) + beta (outline - bg)`` wherever
     that mix explains the pixel within 12 RGB.
     ``None`` when nothing stands out."""
-    from .judge import _dilate, fill_holes, hazard_evidence, largest_component
+    from .judge import _RING, _corner_mask, _dilate, fill_holes, hazard_evidence, largest_component
 
     hz = hazard_evidence(img)
     excluded = _corner_mask([c for c, e in hz.items() if e > HAZARD_EVIDENCE_MIN])
