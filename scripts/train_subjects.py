@@ -23,7 +23,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sandbox_rpo.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     from diffalign.config import load_yaml
     from diffalign.training.subjects import SubjectRunConfig, run_subjects, split_argv
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(__doc__)
         print("subject settings (YAML key subject_<name>, flag --subject_<name>):")
         for f in fields(SubjectRunConfig):
-            print(f"  --subject_{f.name:<20} {f.metadata.get('help', '')} (default {f.default!r})")
+            default = f.default_factory() if f.default is MISSING else f.default
+            print(f"  --subject_{f.name:<22} {f.metadata.get('help', '')} (default {default!r})")
         print("every other flag is a training config field: python scripts/train_diffusion_dpo.py --help")
         return {}
     config = DEFAULT_CONFIG

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,53 +81,38 @@ PREFIX = "subject_"
 
 
 def split_argv(yaml_data: dict, argv: list[str]) -> tuple[SubjectRunConfig, dict, list[str]]:
-    """``(driver config, training YAML without subject_* keys, training argv without --subject_* flags)``."""
-    own = {k[len(PREFIX) :]: v for k, v in yaml_data.items() if k.startswith(PREFIX)}
-    train_yaml = {k: v for k, v in yaml_data.items() if not k.startswith(PREFIX)}
-    rest: list[str] = []
-    i = 0
-    names = {f.name for f in fields(SubjectRunConfig)}
-    flags: dict[str, list[str]] = {}
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--" + PREFIX):
-            name = a[2 + len(PREFIX) :].replace("-", "_")
-            if name not in names:
-                raise ConfigError(f"unknown flag {a}; the subject_* settings are {sorted(names)}")
-            vals = []
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                vals.append(argv[i])
-                i += 1
-            flags[name] = vals
-            continue
-        rest.append(a)
-        i += 1
-    for k in own:
-        if k not in names:
-            raise ConfigError(f"config key {PREFIX}{k} is not a subject setting; valid: {sorted(names)}")
-    cfg = SubjectRunConfig(**own)
-    for name, vals in flags.items():
-        cfg = _set(cfg, name, vals)
-    return cfg, train_yaml, rest
+    """``(driver config, training YAML without subject_* keys, training argv without --subject_* flags)``.
 
-
-def _set(cfg: SubjectRunConfig, name: str, vals: list[str]) -> SubjectRunConfig:
+    A ``--subject_<name>`` flag takes the words up to the next flag (``--subject_select_lambdas 0.3 0.5``); values are
+    converted and checked as every config field is (:func:`diffalign.config.from_dict`)."""
     import typing
 
-    from ..config import _convert
+    from ..config import _convert, from_dict, normalise_flags
 
-    tp = typing.get_type_hints(SubjectRunConfig)[name]
-    if name in ("subjects", "select_lambdas", "select_seeds"):
-        conv = {"subjects": str, "select_lambdas": float, "select_seeds": int}[name]
-        value: Any = [conv(v) for part in vals for v in part.split(",") if v]
-    else:
-        if len(vals) != 1:
-            raise ConfigError(f"--{PREFIX}{name} takes one value, got {vals}")
-        value = _convert(name, tp, vals[0])
-    d = asdict(cfg)
-    d[name] = value
-    return SubjectRunConfig(**d)
+    hints = typing.get_type_hints(SubjectRunConfig)
+    own = {k[len(PREFIX) :]: v for k, v in yaml_data.items() if k.startswith(PREFIX)}
+    train_yaml = {k: v for k, v in yaml_data.items() if not k.startswith(PREFIX)}
+    for k in own:
+        if k not in hints:
+            raise ConfigError(f"config key {PREFIX}{k} is not a subject setting; valid: {sorted(hints)}")
+    rest: list[str] = []
+    argv, i = normalise_flags(argv), 0
+    while i < len(argv):
+        a, i = argv[i], i + 1
+        if not a.startswith("--" + PREFIX):
+            rest.append(a)
+            continue
+        name, vals = a[2 + len(PREFIX) :], []
+        while i < len(argv) and not argv[i].startswith("--"):
+            vals.append(argv[i])
+            i += 1
+        if name not in hints:
+            raise ConfigError(f"unknown flag {a}; the subject_* settings are {sorted(hints)}")
+        try:
+            own[name] = _convert(PREFIX + name, hints[name], ",".join(vals))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    return from_dict(SubjectRunConfig, own, "subject settings"), train_yaml, rest
 
 
 def _templates(path: str | None, default_file: Path, official: tuple[str, ...]) -> list[str]:
