@@ -265,6 +265,12 @@ class TrainConfig(CommonConfig):
         "(beta / lr / loss-type sweeps, reruns, resumes); exact, and free to fill",
         True,
     )
+    eval_curve_steps: list[int] = _help(
+        "also run the evaluation after these steps (same prompts, seeds and judge as the final one; base images "
+        "generated once): each point goes to <output_dir>/eval_curve/step-N/eval.json and a line of "
+        "eval_curve.jsonl with the training wall-clock so far; the final evaluation closes the curve",
+        [],
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -286,6 +292,11 @@ class TrainConfig(CommonConfig):
             )
         if self.cache_batch_size < 1:
             raise ConfigError(f"config field cache_batch_size must be >= 1, got {self.cache_batch_size}")
+        bad = [s for s in self.eval_curve_steps if not 0 < s <= self.max_train_steps]
+        if bad:
+            raise ConfigError(
+                f"config field eval_curve_steps has {bad}: each step must be in [1, max_train_steps={self.max_train_steps}]"
+            )
         if self.dataloader_num_workers < 0:
             raise ConfigError(
                 f"config field dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}"

@@ -75,21 +75,29 @@ def evaluate_pipeline_pair(
     output_dir: str | Path,
     prompts: list[str] | None = None,
     prompt_source: str | None = None,
+    base_images: dict | None = None,
 ) -> dict:
     """Generate base (inside ``base_context``) and aligned images, compare them, write ``eval.json`` and a grid.
 
     The prompts are the ``split`` of ``dataset`` unless ``prompts`` are given (then ``prompt_source`` names them in
-    ``eval.json``, e.g. held-out sandbox-grammar captions of an online run)."""
+    ``eval.json``, e.g. held-out sandbox-grammar captions of an online run). ``base_images``: a dict the caller
+    keeps between evaluations of one run (an evaluation curve); the base images are generated once per (prompts,
+    seeds, steps, guidance) and reused from it."""
     output_dir = Path(output_dir)
     if prompts is None:
         prompts = split_prompts(dataset, split, num_prompts)
     else:
         prompts = list(prompts)[:num_prompts] if num_prompts else list(prompts)
     rows_p, rows_s = expand_prompts(prompts, seeds)
-    with base_context:
-        base = generate(
-            pipe, rows_p, rows_s, steps=steps, guidance=guidance, batch_size=batch_size, desc="eval base"
-        )
+    key = (tuple(rows_p), tuple(rows_s), steps, guidance)
+    base = None if base_images is None else base_images.get(key)
+    if base is None:
+        with base_context:
+            base = generate(
+                pipe, rows_p, rows_s, steps=steps, guidance=guidance, batch_size=batch_size, desc="eval base"
+            )
+        if base_images is not None:
+            base_images[key] = base
     aligned = generate(
         pipe, rows_p, rows_s, steps=steps, guidance=guidance, batch_size=batch_size, desc="eval aligned"
     )

@@ -13,6 +13,7 @@ run end with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -85,6 +86,8 @@ class OfflinePairsTrainer:
             cfg, run, self.data, self.spec, self.step_fn
         )
         self.global_step, self.epoch, self.batches_in_epoch = 0, 0, 0
+        self.seconds_before = 0.0  # training wall-clock of the run before this process (a resume)
+        self._clock_start, self._paused = time.perf_counter(), 0.0
         resumed = self._resume()
         start_outputs(run, resumed, tracker_project=f"diffalign-{self.spec.name}")
         self._print_derived()
@@ -101,6 +104,7 @@ class OfflinePairsTrainer:
             st["epoch"],
             st["batches_in_epoch"],
         )
+        self.seconds_before = float(st.get("train_seconds", 0.0))
         self.accelerator.print(
             f"resumed from {st['path']} at step {self.global_step} (epoch {self.epoch}, batch {self.batches_in_epoch})"
         )
@@ -168,10 +172,12 @@ class OfflinePairsTrainer:
         history: list[dict] = []
         log_buf: dict[str, list[torch.Tensor]] = {}
         t0 = time.time()
+        self._clock_start, self._paused = time.perf_counter(), 0.0
         t_log, steps_since_log = None, 0  # throughput window (starts after the first step: warm-up excluded)
         unet.train()
         if self.global_step == 0 and cfg.validation_steps > 0:
-            outputs.validate(self.run, 0)
+            with self._clock_paused():
+                outputs.validate(self.run, 0)
         while self.global_step < cfg.max_train_steps:
             self.data.set_epoch(self.epoch)
             loader = self.dataloader
@@ -226,7 +232,13 @@ class OfflinePairsTrainer:
                 if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
                 if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
-                    outputs.validate(self.run, self.global_step)
+                    with self._clock_paused():
+                        outputs.validate(self.run, self.global_step)
+                if self.global_step in cfg.eval_curve_steps and self.global_step < cfg.max_train_steps:
+                    with self._clock_paused():
+                        unet.eval()
+                        outputs.evaluate(self.run, curve_point=(self.global_step, self.train_seconds()))
+                        unet.train()
                 if self.global_step >= cfg.max_train_steps:
                     break
             else:  # the epoch ran out
@@ -255,6 +267,7 @@ class OfflinePairsTrainer:
             "global_step": self.global_step,
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
+            "train_seconds": self.train_seconds(),
         }
         path = ck.save_checkpoint(
             self.accelerator, self.output_dir, self.global_step, state, self.cfg.checkpoints_total_limit
@@ -281,7 +294,21 @@ class OfflinePairsTrainer:
         return outputs.export(self.run, metrics or {}, self.data.describe())
 
     def evaluate(self) -> dict | None:
-        return outputs.evaluate(self.run)
+        point = (self.global_step, self.train_seconds()) if self.cfg.eval_curve_steps else None
+        return outputs.evaluate(self.run, curve_point=point)
+
+    def train_seconds(self) -> float:
+        """Training wall-clock of the whole run so far (resumed runs included); validation and curve evaluations,
+        which a run without them would not spend, are left out."""
+        return self.seconds_before + time.perf_counter() - self._clock_start - self._paused
+
+    @contextlib.contextmanager
+    def _clock_paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
 
     def pipeline(self):
         return outputs.inference_pipeline(self.run)

@@ -9,6 +9,7 @@ trained UNet itself must never stand in for the base).
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -141,14 +142,27 @@ def export(run: Run, metrics: dict, data_description: dict) -> Path:
     return target
 
 
-def evaluate(run: Run, prompts: list[str] | None = None, prompt_source: str | None = None) -> dict | None:
+def evaluate(
+    run: Run,
+    prompts: list[str] | None = None,
+    prompt_source: str | None = None,
+    *,
+    curve_point: tuple[int, float] | None = None,
+) -> dict | None:
     """Base vs aligned on the evaluation split's prompts (or the given held-out ``prompts``), same seeds; writes
-    ``<out>/eval.json``."""
+    ``<out>/eval.json``.
+
+    ``curve_point=(step, train_seconds)``: a point of the evaluation curve (``eval_curve_steps``): the result goes to
+    ``<out>/eval_curve/step-<step>/`` and one line of ``<out>/eval_curve.jsonl``, and the base images are kept for
+    the next point. The final evaluation passes its point too when the run has a curve."""
     cfg, acc = run.cfg, run.accelerator
     result = None
     if acc.is_main_process:
         from ..eval.protocol import evaluate_pipeline_pair
 
+        out_dir = run.output_dir
+        if curve_point is not None and curve_point[0] < cfg.max_train_steps:
+            out_dir = run.output_dir / "eval_curve" / f"step-{curve_point[0]}"
         pipe = inference_pipeline(run)
         result = evaluate_pipeline_pair(
             pipe,
@@ -161,9 +175,36 @@ def evaluate(run: Run, prompts: list[str] | None = None, prompt_source: str | No
             guidance=cfg.eval_guidance,
             reward=cfg.eval_reward,
             batch_size=cfg.eval_batch_size,
-            output_dir=run.output_dir,
+            output_dir=out_dir,
             prompts=prompts,
             prompt_source=prompt_source,
+            base_images=run.extra.setdefault("eval_base_images", {}) if curve_point is not None else None,
         )
+        if curve_point is not None:
+            append_curve_point(run.output_dir, curve_point[0], curve_point[1], result)
     acc.wait_for_everyone()
     return result
+
+
+def append_curve_point(output_dir: Path, step: int, train_seconds: float, result: dict) -> None:
+    """One line of ``eval_curve.jsonl``: the step, the training wall-clock so far (evaluations and validation
+    excluded), the win rate with its Wilson CI and the mean of each aspect. A point already there for this step
+    (a resumed run evaluating it again) is replaced."""
+    path = Path(output_dir) / "eval_curve.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    wr = result["win_rate"]
+    point = {
+        "step": step,
+        "train_seconds": round(train_seconds, 2),
+        "win_rate": wr["win_rate"],
+        "ci95": [wr["ci_low"], wr["ci_high"]],
+        "wins": wr["wins"],
+        "ties": wr["ties"],
+        "losses": wr["losses"],
+        "aligned_means": {k: v["aligned"]["mean"] for k, v in result["aspects"].items()},
+    }
+    lines = [x for x in lines if x["step"] != step] + [point]
+    lines.sort(key=lambda x: x["step"])
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tmp.replace(path)
