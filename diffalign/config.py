@@ -292,6 +292,9 @@ class TrainConfig(CommonConfig):
             )
         if self.cache_batch_size < 1:
             raise ConfigError(f"config field cache_batch_size must be >= 1, got {self.cache_batch_size}")
+        check_run = getattr(self.params, "check_run", None)  # an objective's checks across run fields
+        if check_run is not None:
+            check_run(self)
         bad = [s for s in self.eval_curve_steps if not 0 < s <= self.max_train_steps]
         if bad:
             raise ConfigError(

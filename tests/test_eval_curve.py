@@ -78,7 +78,9 @@ def test_base_images_are_generated_once_per_run(monkeypatch, tmp_path):
         assert result["win_rate"]["win_rate"] == 1.0
     assert calls == ["eval base", "eval aligned", "eval aligned", "eval aligned"]
     # another seed list is another set of base images
-    protocol.evaluate_pipeline_pair(None, output_dir=tmp_path / "s", base_images=cache, **{**kw, "seeds": [3]})
+    protocol.evaluate_pipeline_pair(
+        None, output_dir=tmp_path / "s", base_images=cache, **{**kw, "seeds": [3]}
+    )
     assert calls[-2:] == ["eval base", "eval aligned"]
     # without a cache (the plain final evaluation) nothing is kept
     protocol.evaluate_pipeline_pair(None, output_dir=tmp_path / "n", **kw)

@@ -10,7 +10,12 @@ from diffusers import DDIMInverseScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from tiny_models import build_tiny_sd, write_tiny_pairs
 
-from diffalign.diffusion.inversion import ddim_inversion_noise, inverse_grid
+from diffalign.diffusion.inversion import (
+    ddim_inversion_grid,
+    ddim_inversion_noise,
+    grid_noising,
+    inverse_grid,
+)
 from diffalign.diffusion.noise import add_noise
 from diffalign.sandbox import SANDBOX_PIPELINE
 
@@ -122,3 +127,102 @@ def test_inpo_trains_through_the_cli_and_resumes_bit_identically(tmp_path):
     curve = losses(straight)
     assert abs(curve[0] - 0.6931471805599453) < 1e-6  # untrained LoRA: margin 0 under any noising
     assert len(set(curve)) > 1
+
+
+# ---- the cached variant: the reference inverts each image once, through the whole grid ----------------------------
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_stored_grid_gives_the_inversion_of_every_timestep():
+    unet, sched = _tiny_unet(), _scheduler()
+    ehs, x0 = torch.randn(4, 3, 8), torch.randn(4, 4, 8, 8)
+    ac, init = sched.alphas_cumprod, float(sched.initial_alpha_cumprod)
+
+    def model(x, s, rows):
+        return unet(x, s, encoder_hidden_states=ehs[rows]).sample
+
+    kw = dict(num_steps=10, eta=0.1, initial_alpha_cumprod=init)
+    grid_latents = ddim_inversion_grid(model, x0, ac, generators=_gens([5, 6, 7, 8]), **kw)
+    assert grid_latents.shape == (4, 10, 4, 8, 8)
+    levels = inverse_grid(1000, 10, 1)
+    for t in ([0, 1, 450, 999], [100, 101, 902, 37]):
+        t = torch.tensor(t)
+        want = ddim_inversion_noise(model, x0, t, ac, generators=_gens([5, 6, 7, 8]), **kw)
+        got = grid_noising(grid_latents, x0, t, ac, levels)
+        assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-4)
+    assert torch.equal(grid_noising(grid_latents, x0, torch.zeros(4, dtype=torch.long), ac, levels)[0], x0)
+
+
+def test_cached_noising_inverts_each_image_once_and_matches_the_direct_inversion():
+    from diffalign.diffusion.parts import NoisingContext, ddim_inversion_noising
+    from diffalign.objectives.inpo import InPOParams
+
+    unet, sched = _tiny_unet(), _scheduler()
+    ehs = torch.randn(4, 3, 8)
+    x0 = torch.randn(4, 4, 8, 8)
+    ac, init = sched.alphas_cumprod, float(sched.initial_alpha_cumprod)
+    calls = []
+
+    def reference_of(batch):  # the step's reference call: its rows index the micro-batch, here images `batch`
+        def reference(x, s, rows):
+            calls.append(len(rows))
+            return unet(x, s, encoder_hidden_states=ehs[batch][rows]).sample
+
+        return reference
+
+    params = InPOParams(inversion_model="reference", inversion_cache=True, inversion_steps=5)
+    state: dict = {}
+    keys, seeds = [(3, 0), (9, 0), (3, 1), (9, 1)], [11, 12, 13, 14]
+
+    def ctx(rows):
+        return NoisingContext(
+            ac, "epsilon", params=params, reference_model=reference_of(rows), steps_offset=1, initial_alpha_cumprod=init,
+            image_keys=lambda: [keys[r] for r in rows], image_seeds=lambda: [seeds[r] for r in rows], state=state,
+        )  # fmt: skip
+
+    t = torch.tensor([300, 999, 0, 650])
+    noise = torch.randn_like(x0)  # not used by an inversion noising
+    first = ddim_inversion_noising(x0, noise, t, ctx([0, 1, 2, 3]))
+    assert calls == [4] * 5 and len(state["inversion_grid"]) == 4  # one pass through the 5-level grid
+    want = ddim_inversion_noise(reference_of([0, 1, 2, 3]), x0, t, ac, num_steps=5, eta=0.1, initial_alpha_cumprod=init,
+                                generators=_gens(seeds))  # fmt: skip
+    assert torch.allclose(first[0], want[0], atol=1e-5) and torch.allclose(first[1], want[1], atol=1e-4)
+    calls.clear()
+    # a later epoch: other timesteps, the same images (in another batch order): no UNet pass at all
+    t2 = torch.tensor([999, 120])
+    again = ddim_inversion_noising(x0[[2, 1]], noise[:2], t2, ctx([2, 1]))
+    assert calls == []
+    want2 = ddim_inversion_noise(reference_of([2, 1]), x0[[2, 1]], t2, ac, num_steps=5, eta=0.1, initial_alpha_cumprod=init,
+                                 generators=_gens([13, 12]))  # fmt: skip
+    assert torch.allclose(again[0], want2[0], atol=1e-5)
+
+
+def test_cached_inversion_config_errors():
+    from diffalign.config import TrainConfig
+    from diffalign.errors import ConfigError
+    from diffalign.objectives.inpo import InPOParams
+
+    with pytest.raises(ConfigError, match="inversion_cache=true needs inversion_model: reference"):
+        InPOParams(inversion_cache=True)
+    cached = InPOParams(inversion_model="reference", inversion_cache=True)
+    with pytest.raises(ConfigError, match="needs random_flip: false"):
+        TrainConfig(objective="inpo", params=cached, random_flip=True)
+    with pytest.raises(ConfigError, match="needs prompt_dropout: 0"):
+        TrainConfig(objective="inpo", params=cached, random_flip=False, prompt_dropout=0.1)
+    TrainConfig(objective="inpo", params=cached, random_flip=False)
+
+
+def test_cached_inversion_trains_through_the_cli_and_resumes_bit_identically(tmp_path):
+    model, data = build_tiny_sd(tmp_path / "sd"), write_tiny_pairs(tmp_path / "data", n=16, size=16)
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    cached = ("--inversion_model", "reference", "--inversion_cache", "true", "--random_flip", "false")
+    _run(_args(model, data, straight, *cached))
+    _run(_args(model, data, cut, *cached, "--max_train_steps", "2"))
+    _run(_args(model, data, cut, *cached, "--resume_from_checkpoint", str(cut / "checkpoint-2")))
+    a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(cut / "lora" / "pytorch_lora_weights.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert abs(losses(straight)[0] - 0.6931471805599453) < 1e-6

@@ -63,6 +63,59 @@ def ddim_inversion_noise(
     (required when ``eta > 0``). Arithmetic in float32.
     """
     ac = alphas_cumprod.to(x0.device, torch.float32)
+    x, _ = _invert(model, x0, t.to(x0.device), ac, num_steps, eta, prediction_type, steps_offset,
+                   initial_alpha_cumprod, generators)  # fmt: skip
+    eps_tilde = implied_noise(x, x0.float(), t.to(x0.device), ac)
+    return x.to(x0.dtype), eps_tilde.to(x0.dtype)
+
+
+@torch.no_grad()
+def ddim_inversion_grid(
+    model,
+    x0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    num_steps: int = 10,
+    eta: float = 0.1,
+    prediction_type: str = "epsilon",
+    steps_offset: int = 1,
+    initial_alpha_cumprod: float | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """The whole inversion of each image: ``[N, K, C, H, W]`` float32, entry ``k`` the latent after the inverse step
+    to grid level ``inverse_grid(...)[k]``. Row ``n``'s entry at the last grid level ``≤ t`` is exactly the ``x_t``
+    :func:`ddim_inversion_noise` returns for that ``t`` with the same generator (the extra-noise draws of a row come
+    in grid order), so one pass per image serves every later timestep (:func:`grid_noising`)."""
+    ac = alphas_cumprod.to(x0.device, torch.float32)
+    full = torch.full((len(x0),), len(ac) - 1, dtype=torch.long, device=x0.device)
+    _, states = _invert(model, x0, full, ac, num_steps, eta, prediction_type, steps_offset, initial_alpha_cumprod,
+                        generators, keep=True)  # fmt: skip
+    return torch.stack(states, dim=1)
+
+
+def grid_noising(
+    grid_latents: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    grid: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, ε̃)`` from stored :func:`ddim_inversion_grid` latents ``[N, K, ...]``: the latent at the last grid
+    level ``≤ t`` (``x0`` itself when ``t`` is below the first level), and its implied noise at ``t``."""
+    ac = alphas_cumprod.to(x0.device, torch.float32)
+    levels = torch.tensor(grid, device=t.device)
+    k = (levels[None, :] <= t[:, None]).sum(1) - 1  # [N], -1: no inverse step taken
+    x = x0.float().clone()
+    taken = (k >= 0).nonzero().flatten()
+    if len(taken):
+        x[taken] = grid_latents[taken, k[taken]].to(x.device, torch.float32)
+    eps_tilde = implied_noise(x, x0.float(), t, ac)
+    return x.to(x0.dtype), eps_tilde.to(x0.dtype)
+
+
+def _invert(model, x0, t, ac, num_steps, eta, prediction_type, steps_offset, initial_alpha_cumprod, generators,
+            keep: bool = False):  # fmt: skip
+    """The inverse-step loop of :func:`ddim_inversion_noise`; with ``keep`` also the latent after each grid step."""
     T = len(ac)
     initial = float(ac[0]) if initial_alpha_cumprod is None else initial_alpha_cumprod
     grid = inverse_grid(T, num_steps, steps_offset)
@@ -70,7 +123,7 @@ def ddim_inversion_noise(
     if eta > 0 and (generators is None or len(generators) != len(x0)):
         raise ValueError("ddim_inversion_noise: eta > 0 needs one generator per row")
     x = x0.float().clone()
-    t = t.to(x0.device)
+    states = []
     for s in grid:
         rows = (t >= s).nonzero().flatten()
         if len(rows) == 0:
@@ -84,5 +137,6 @@ def ddim_inversion_noise(
             z = torch.stack([torch.randn(x.shape[1:], generator=generators[int(r)]) for r in rows.tolist()])
             moved = moved + eta * var.clamp(min=0).sqrt() * z.to(x.device)
         x[rows] = moved
-    eps_tilde = implied_noise(x, x0.float(), t, ac)
-    return x.to(x0.dtype), eps_tilde.to(x0.dtype)
+        if keep:
+            states.append(x.clone())
+    return x, states

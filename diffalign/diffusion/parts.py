@@ -122,6 +122,11 @@ class NoisingContext:
     row_seeds: Callable[[], list[int]] | None = None  # called only by parts that need extra randomness
     steps_offset: int = 0
     initial_alpha_cumprod: float | None = None
+    # per-image keys (dataset index, slot) and their epoch-free seeds, for parts that keep a per-image result for the
+    # whole run in ``state`` (a dict the step owns; e.g. the reference's inversion of each image)
+    image_keys: Callable[[], list[tuple[int, int]]] | None = None
+    image_seeds: Callable[[], list[int]] | None = None
+    state: dict | None = None
 
 
 def gaussian_noising(
@@ -140,6 +145,8 @@ def ddim_inversion_noising(
     from .inversion import ddim_inversion_noise
 
     p = ctx.params
+    if getattr(p, "inversion_cache", False):
+        return _cached_reference_inversion(x0, t, ctx)
     model = ctx.model if p.inversion_model == "current" else ctx.reference_model
     generators = None
     if p.inversion_eta > 0:
@@ -156,6 +163,42 @@ def ddim_inversion_noising(
         initial_alpha_cumprod=ctx.initial_alpha_cumprod,
         generators=generators,
     )
+
+
+def _cached_reference_inversion(
+    x0: torch.Tensor, t: torch.Tensor, ctx: NoisingContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inversion_cache: true``: each image is inverted once, by the frozen reference, through the whole grid, the
+    first time the run meets it (its extra noise from a generator keyed by (seed, pair, slot), the same every epoch);
+    its grid latents stay in ``ctx.state`` and every later visit reads ``x_t`` from them (no UNet pass)."""
+    from .inversion import ddim_inversion_grid, grid_noising, inverse_grid
+
+    p = ctx.params
+    store = ctx.state.setdefault("inversion_grid", {})
+    keys = ctx.image_keys()
+    missing = [r for r, key in enumerate(keys) if key not in store]
+    if missing:
+        rows = torch.tensor(missing, device=x0.device)
+        seeds = ctx.image_seeds()
+        generators = (
+            [torch.Generator().manual_seed(seeds[r]) for r in missing] if p.inversion_eta > 0 else None
+        )
+        latents = ddim_inversion_grid(
+            lambda x, s, sub: ctx.reference_model(x, s, rows[sub]),
+            x0[rows],
+            ctx.alphas_cumprod,
+            num_steps=p.inversion_steps,
+            eta=p.inversion_eta,
+            prediction_type=ctx.prediction_type,
+            steps_offset=ctx.steps_offset,
+            initial_alpha_cumprod=ctx.initial_alpha_cumprod,
+            generators=generators,
+        ).to("cpu", x0.dtype if x0.dtype != torch.float16 else torch.float32)
+        for j, r in enumerate(missing):
+            store[keys[r]] = latents[j]
+    stacked = torch.stack([store[key] for key in keys]).to(x0.device)
+    grid = inverse_grid(len(ctx.alphas_cumprod), p.inversion_steps, ctx.steps_offset)
+    return grid_noising(stacked, x0, t, ctx.alphas_cumprod, grid)
 
 
 NOISINGS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
@@ -184,7 +227,12 @@ def reference_error_inputs(spec: Any, params: Any) -> dict[str, Any] | None:
     if spec.noising == "ddim_inversion":
         if params.inversion_model != "reference":
             return None
-        return {**out, "inversion_steps": params.inversion_steps, "inversion_eta": params.inversion_eta}
+        out = {**out, "inversion_steps": params.inversion_steps, "inversion_eta": params.inversion_eta}
+        if getattr(
+            params, "inversion_cache", False
+        ):  # epoch-free extra noise: other inputs than the uncached
+            out["inversion_cache"] = True
+        return out
     return None  # a noising this function does not know: do not cache
 
 

@@ -9,7 +9,8 @@ image has its own implied noise).
 Official settings (``../shared/METHODS.md``): 10 inverse steps with the *current* model under no_grad, 0.1·σ extra
 noise per step, β 2000 (SD1.5) / 5000 (SDXL), 400 steps, lr 1e-8 × batch with ``scale_lr``, SD1.5 from an SFT
 checkpoint that is also the reference. ``inversion_model: reference`` inverts with the frozen reference instead
-(cheaper to cache: the inverted latents then depend on the data only).
+(cheaper to cache: the inverted latents then depend on the data only; ``inversion_cache: true`` keeps each
+image's inversion for the run, so it is computed once instead of at every visit).
 """
 
 from __future__ import annotations
@@ -41,9 +42,24 @@ class InPOParams(DPOParams):
         },
     )
 
+    inversion_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "invert each image once per run, with the frozen reference through the whole grid, and keep its "
+            "grid latents (the cheaper variant: needs inversion_model reference; its extra noise is drawn once per "
+            "image, not per epoch; memory: inversion_steps latents per image)"
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         from ..errors import ConfigError
+
+        if self.inversion_cache and self.inversion_model != "reference":
+            raise ConfigError(
+                "config field inversion_cache=true needs inversion_model: reference (the current model changes "
+                "every step, so its inversions cannot be kept)"
+            )
 
         if self.inversion_steps < 1:
             raise ConfigError(f"config field inversion_steps must be >= 1, got {self.inversion_steps}")
@@ -53,6 +69,22 @@ class InPOParams(DPOParams):
             raise ConfigError(
                 f"config field inversion_model={self.inversion_model!r} is not valid; choose one of "
                 "['current', 'reference']"
+            )
+
+    def check_run(self, cfg) -> None:
+        """Run fields the cached inversion cannot work with (called by the offline config)."""
+        from ..errors import ConfigError
+
+        if not self.inversion_cache:
+            return
+        for name in ("random_flip", "random_crop"):
+            if getattr(cfg, name):
+                raise ConfigError(
+                    f"config field inversion_cache=true needs {name}: false (a kept inversion is of one fixed image)"
+                )
+        if cfg.prompt_dropout > 0:
+            raise ConfigError(
+                "config field inversion_cache=true needs prompt_dropout: 0 (a kept inversion is under one caption)"
             )
 
 

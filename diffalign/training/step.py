@@ -15,7 +15,7 @@ their own prompts (subject-driven tuning: reference images and generated images 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,8 @@ class PairStep:
     latent_store: Any = None
     # cfg.channels_last: the UNet's weights are channels-last, so its inputs are made so too
     channels_last: bool = False
+    # per-run results a noising part keeps per image (NoisingContext.state): e.g. the reference's inversion grids
+    noising_state: dict = field(default_factory=dict)
 
     def _unet_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight_dtype)
@@ -87,7 +89,9 @@ class PairStep:
         with record_function("diffalign/encode"):
             latents, text = self.latents_and_text(batch)
             # the slot-1 images' own prompts (a caption_1 column); text encoders are cheap next to the UNet
-            text_1 = mp.encode_prompts(self.comps, list(batch["captions_1"])) if "captions_1" in batch else None
+            text_1 = (
+                mp.encode_prompts(self.comps, list(batch["captions_1"])) if "captions_1" in batch else None
+            )
         k = 2 if self.spec.uses_losers else 1  # SFT: winners only, half the UNet work
         x0 = torch.cat([latents[:, i] for i in range(k)], dim=0)  # [kB, C, h, w]
 
@@ -153,6 +157,13 @@ class PairStep:
             ],
             steps_offset=self.steps_offset,
             initial_alpha_cumprod=self.initial_alpha_cumprod,
+            image_keys=lambda: [(int(i), slot) for slot in range(k) for i in batch["index"].tolist()],
+            image_seeds=lambda: [
+                parts.pair_seed(self.seed, 0, int(i)) ^ (0x5DEECE66D * (slot + 1)) ^ 0x1A3F
+                for slot in range(k)
+                for i in batch["index"].tolist()
+            ],
+            state=self.noising_state,
         )
         with record_function("diffalign/noising"):
             noisy, eps = parts.NOISINGS[self.spec.noising](x0, noise_k, tk, ctx)
