@@ -21,6 +21,13 @@ peak memory is the process's peak RSS (``wait4``). Settings (same model, data, L
   give a folder holding it with ``--reference_extra_path``). Its LoRA targets are fixed to the attention
   projections, so diffalign runs with those too.
 
+``--suite methods`` compares the cost of the offline objectives instead, every one with the latent cache reused and
+no reference-error cache (each pays its reference forward): Diffusion-DPO, InPO as the official code runs it (the
+current model inverts every image at every visit), InPO inverting with the frozen reference, and that variant with
+``inversion_cache: true`` (each image inverted once per run). The inversion cache only pays from the second epoch
+on, so give the runs several epochs (``--max_train_samples 640 --steps 100``: 5 epochs of 20 steps). Steady-state
+pairs/s (from each run's ``train_log.jsonl``, the first step excluded) are reported next to the whole-process ones.
+
 ``--model sd15-shaped`` builds SD1.5's architecture with channels x ``--width``, randomly initialised (VAE / UNet
 cost ratio SD-like), and synthetic pairs. Writes a table and JSON (``--out``). torch.compile is measured by
 ``scripts/profile_step.py --compile`` (its one-off compile cost is the question there).
@@ -135,7 +142,8 @@ def diffalign_cmd(
             "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--output_dir", str(out),
             "--cache_dir", str(cache), "--use_cache", str(use_cache).lower(), "--reference_cache", str(ref_cache).lower(),
             "--checkpointing_steps", "0", "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none",
-            "--logging_steps", str(args.steps), *extra]  # fmt: skip
+            "--logging_steps", str(args.steps),
+            *(["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []), *extra]  # fmt: skip
 
 
 def public_cmd(args, model: str, data: str, out: Path) -> list:
@@ -166,6 +174,13 @@ def main() -> None:
         "--reference_extra_path", default=None, help="a folder appended to its sys.path (e.g. wandb)"
     )
     p.add_argument("--out", default="outputs/benchmark_throughput.json", help="JSON results file")
+    p.add_argument(
+        "--suite",
+        default="caches",
+        choices=["caches", "methods"],
+        help="caches: DPO with and without diffalign's caches (and the public script); methods: DPO vs InPO variants",
+    )
+    p.add_argument("--max_train_samples", type=int, default=None, help="train on the first N pairs only")
     args = p.parse_args()
     args.resolution = args.resolution or (32 if args.model == "sandbox" else 256)
 
@@ -198,6 +213,18 @@ def main() -> None:
             args, model, data, out, warm, True, True, "--channels_last", "true"
         ),
     }
+    if args.suite == "methods":
+        inpo = ("--objective", "inpo", "--beta", "2000", "--inversion_steps", "10", "--inversion_eta", "0.1")
+        settings = {
+            name: (lambda out, rep, extra=extra: diffalign_cmd(args, model, data, out, warm, True, False, *extra))
+            for name, extra in {
+                "dpo": ("--objective", "dpo"),
+                "inpo (current model inverts)": (*inpo, "--inversion_model", "current"),
+                "inpo (reference inverts)": (*inpo, "--inversion_model", "reference"),
+                "inpo (reference, inversion cache)": (*inpo, "--inversion_model", "reference",
+                                                      "--inversion_cache", "true"),
+            }.items()
+        }  # fmt: skip
     if args.reference_script:
         settings["public script"] = lambda out, rep: public_cmd(args, model, data, out)
     print(f"filling the caches for the 'reused' settings ({work})")
@@ -211,6 +238,10 @@ def main() -> None:
             r = _timed(make(out, rep), env, work / f"{out.name}.log")
             if r["rc"]:
                 sys.exit(f"{name} (repeat {rep}) failed: see {work / (out.name + '.log')}")
+            log = out / "train_log.jsonl"
+            if log.exists():  # steady state: the loop's own window, the first step excluded
+                last = json.loads(log.read_text().splitlines()[-1])
+                r["steady_pairs_per_s"] = last.get("perf/pairs_per_s")
             print(f"  {name:34s} repeat {rep}: {r['wall_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU, "
                   f"peak RSS {r['peak_rss_MiB']:.0f} MiB")  # fmt: skip
             runs[name].append(r)
@@ -228,11 +259,14 @@ def main() -> None:
         walls, cpus = [r["wall_s"] for r in rs], [r["cpu_s"] for r in rs]
         wall, cpu = med(name, "wall_s"), med(name, "cpu_s")
         summary[name] = {"wall_s": walls, "cpu_s": cpus, "median_wall_s": wall, "median_cpu_s": cpu,
-                         "pairs_per_s": pairs / wall, "peak_rss_MiB": max(r["peak_rss_MiB"] for r in rs),
+                         "pairs_per_s": pairs / wall,
+                         "steady_pairs_per_s": statistics.median(r.get("steady_pairs_per_s") or 0.0 for r in rs),
+                         "peak_rss_MiB": max(r["peak_rss_MiB"] for r in rs),
                          "speedup_vs_public_wall": med(public, "wall_s") / wall if public else None,
                          "speedup_vs_public_cpu": med(public, "cpu_s") / cpu if public else None}  # fmt: skip
         x = summary[name]
         rows.append([name, f"{wall:.2f} ({min(walls):.2f}-{max(walls):.2f})", f"{pairs / wall:.1f}",
+                     f"{x['steady_pairs_per_s']:.1f}",
                      f"{x['speedup_vs_public_wall']:.2f}x" if public else "-",
                      f"{cpu:.2f} ({min(cpus):.2f}-{max(cpus):.2f})",
                      f"{x['speedup_vs_public_cpu']:.2f}x" if public else "-", f"{x['peak_rss_MiB']:.0f}"])  # fmt: skip
@@ -241,7 +275,8 @@ def main() -> None:
 
     print(f"\n{args.model}, {args.steps} steps of {args.batch} pairs, LoRA rank {args.rank} on {ATTENTION_TARGETS}, "
           f"{args.threads} thread(s), precision {args.mixed_precision}, {args.repeats} alternating repeats")  # fmt: skip
-    print(markdown_table(["setting", "wall s: median (min-max)", "pairs/s (whole process)", "vs public (wall)",
+    print(markdown_table(["setting", "wall s: median (min-max)", "pairs/s (whole process)",
+                          "pairs/s (steady, median)", "vs public (wall)",
                           "CPU s: median (min-max)", "vs public (CPU)", "peak RSS MiB"], rows))  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,10 @@ writes ``<output_dir>/multi_seed.json`` and ``multi_seed.md``.
     # any training flag after `--` goes to every run
     python scripts/multi_seed.py --config configs/sandbox_dpo.yaml --output_dir outputs/ms-beta1000 -- --beta 1000
 
+Runs trained with ``--eval_curve_steps`` (e.g. ``-- --eval_curve_steps [150,300,450]``) also get the win rate vs
+steps over the seeds (mean, min, max, training wall-clock) in ``multi_seed.json`` under ``curve``; plot several with
+``scripts/plot_curves.py``.
+
 A seed whose ``eval.json`` already exists is not rerun (pass ``--rerun`` to force it), so an interrupted sweep
 continues where it stopped. ``--script`` selects the training entry point (default: ``train_online.py`` for an
 online objective such as PRDP or DDPO, else ``train_diffusion_dpo.py``).
@@ -30,7 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from diffalign.eval.multi_seed import format_summary, summarise_seeds  # noqa: E402
+from diffalign.eval.multi_seed import (  # noqa: E402
+    format_curve,
+    format_summary,
+    summarise_curves,
+    summarise_seeds,
+)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -127,8 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
                 failed.append(s)
     summary = summarise_seeds({s: out / f"seed-{s}" / "eval.json" for s in args.seeds if s not in failed})
     summary.update({"config": args.config, "extra_flags": extra, "failed_seeds": failed})
+    curve = summarise_curves(
+        {s: out / f"seed-{s}" / "eval_curve.jsonl" for s in args.seeds if s not in failed}
+    )
+    if curve:  # the runs had eval_curve_steps: win rate vs steps over the seeds
+        summary["curve"] = curve
     (out / "multi_seed.json").write_text(json.dumps(summary, indent=2))
     text = format_summary(summary)
+    if curve:
+        text += "\n\nwin rate vs training steps (eval_curve_steps):\n" + format_curve(curve)
     (out / "multi_seed.md").write_text(text + "\n")
     print(text)
     print(f"written: {out / 'multi_seed.json'}, {out / 'multi_seed.md'}")

@@ -91,3 +91,50 @@ def test_base_images_are_generated_once_per_run(monkeypatch, tmp_path):
 def test_curve_steps_outside_the_run_are_refused(steps):
     with pytest.raises(ConfigError, match=r"eval_curve_steps .* max_train_steps=600"):
         TrainConfig(max_train_steps=600, eval_curve_steps=steps)
+
+
+def _curve(path, points):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(
+            json.dumps({"step": s, "train_seconds": sec, "win_rate": w, "ci95": [w - 0.07, w + 0.07]}) + "\n"
+            for s, sec, w in points
+        )
+    )
+    return path
+
+
+def test_curves_summarise_over_seeds_and_plot(tmp_path):
+    from diffalign.eval.multi_seed import format_curve, summarise_curves
+
+    dpo = summarise_curves(
+        {
+            0: _curve(tmp_path / "d0.jsonl", [(150, 60.0, 0.52), (600, 240.0, 0.64)]),
+            1: _curve(tmp_path / "d1.jsonl", [(150, 62.0, 0.48), (600, 250.0, 0.60)]),
+            2: tmp_path / "missing.jsonl",
+        }
+    )
+    assert [c["step"] for c in dpo] == [150, 600] and dpo[0]["num_seeds"] == 2
+    assert dpo[1]["mean_win_rate"] == pytest.approx(0.62) and dpo[1]["min_win_rate"] == 0.60
+    assert dpo[0]["mean_train_seconds"] == pytest.approx(61.0)
+    assert dpo[1]["min_ci_low"] == pytest.approx(0.53)
+    assert "| 600 | 0.620 | 0.600 | 0.640 | 0.530 | 245 | 2 |" in format_curve(dpo)
+    fast = summarise_curves({0: _curve(tmp_path / "f0.jsonl", [(150, 90.0, 0.63), (600, 360.0, 0.70)])})
+    slow = summarise_curves({0: _curve(tmp_path / "s0.jsonl", [(150, 90.0, 0.55), (600, 360.0, 0.58)])})
+    files = {}
+    for name, curve in {"dpo": dpo, "fast": fast, "slow": slow}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({"curve": curve}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "plot_curves.py"), "--runs",
+         *(f"{k}={v}" for k, v in files.items()), "--out", str(tmp_path / "fig.png")],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "fig.json").read_text())
+    assert summary["baseline_final_mean_win_rate"] == pytest.approx(0.62)
+    assert summary["first_step_reaching_baseline_final"] == {"dpo": 600, "fast": 150, "slow": None}
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_curves.py"), "--runs", f"x={tmp_path}/no.json"],
+                         env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "x: " in bad.stderr and "does not exist" in bad.stderr

@@ -56,6 +56,51 @@ def summarise_seeds(eval_files: dict[int, str | Path]) -> dict:
     return out
 
 
+def summarise_curves(curve_files: dict[int, str | Path]) -> list[dict]:
+    """``{training seed: path to eval_curve.jsonl}`` -> one entry per evaluated step: the mean, min and max win rate
+    over the seeds that reached it, each seed's value, and the mean training wall-clock (evaluations excluded).
+    Seeds without a curve file are left out; a step is listed with the seeds that have it (``num_seeds``)."""
+    by_step: dict[int, dict[str, dict]] = {}
+    for seed, path in sorted(curve_files.items()):
+        path = Path(path)
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                point = json.loads(line)
+                by_step.setdefault(int(point["step"]), {})[str(seed)] = point
+    out = []
+    for step, seeds in sorted(by_step.items()):
+        rates = np.array([p["win_rate"] for p in seeds.values()], dtype=np.float64)
+        out.append(
+            {
+                "step": step,
+                "num_seeds": len(seeds),
+                "mean_win_rate": float(rates.mean()),
+                "min_win_rate": float(rates.min()),
+                "max_win_rate": float(rates.max()),
+                "mean_train_seconds": float(np.mean([p["train_seconds"] for p in seeds.values()])),
+                "min_ci_low": float(min(p["ci95"][0] for p in seeds.values())),
+                "seeds": {
+                    k: {"win_rate": p["win_rate"], "ci95": p["ci95"], "train_seconds": p["train_seconds"]}
+                    for k, p in seeds.items()
+                },  # fmt: skip
+            }
+        )
+    return out
+
+
+def format_curve(curve: list[dict]) -> str:
+    rows = [
+        [c["step"], f"{c['mean_win_rate']:.3f}", f"{c['min_win_rate']:.3f}", f"{c['max_win_rate']:.3f}",
+         f"{c['min_ci_low']:.3f}", f"{c['mean_train_seconds']:.0f}", c["num_seeds"]]
+        for c in curve
+    ]  # fmt: skip
+    return markdown_table(
+        ["step", "mean win rate", "min", "max", "lowest CI bound", "train s (mean)", "seeds"], rows
+    )
+
+
 def meets_bar(summary: dict, mean_at_least: float, every_ci_low_above: float, min_seeds: int = 3) -> bool:
     """The multi-seed bar: ≥ ``min_seeds`` seeds, mean win rate ≥ ``mean_at_least``, every seed's CI low above
     ``every_ci_low_above``."""
