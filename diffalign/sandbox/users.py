@@ -32,6 +32,8 @@ Users (``SIMULATED_USERS[user_id]``):
 
 So on a caption that leaves the size open, "bold" prefers the large rendering and "minimalist" the small one; on a
 caption that leaves the background open, "minimalist" prefers white/sky/sand and "night-owl" black/gray.
+
+See also ``user_population.py``: a seeded family of 240 users with weighted tastes (these four are special cases).
 """
 
 from __future__ import annotations
