@@ -14,11 +14,16 @@ __all__ = ["resolve_built_dataset", "resolve_dataset"]
 
 
 def resolve_dataset(name: str) -> str:
-    """``"sandbox"`` → the shipped sandbox data directory (``SANDBOX_DATA``); anything else unchanged."""
+    """``"sandbox"`` → the shipped sandbox data directory (``SANDBOX_DATA``); ``"sandbox-ppd"`` → the multi-user
+    relabelling of it (:mod:`diffalign.data.ppd`, built on first use into the cache); anything else unchanged."""
     if name == "sandbox":
         from ..sandbox import SANDBOX_DATA
 
         return str(SANDBOX_DATA)
+    if name == "sandbox-ppd":  # the sandbox pairs relabelled by a user population, built once into a cache
+        from .ppd import ensure_ppd_data
+
+        return str(ensure_ppd_data())
     return name
 
 
