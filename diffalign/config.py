@@ -29,6 +29,9 @@ import yaml
 
 from .errors import ConfigError
 
+#: dataset names diffalign.data.sources.resolve_dataset maps to a directory (not a path, not a hub id)
+NAMED_DATASETS = ("sandbox", "sandbox-ppd")
+
 #: diffusers' learning-rate schedules (diffusers.optimization.SchedulerType; a test keeps this list in sync).
 LR_SCHEDULERS = (
     "linear",
@@ -214,7 +217,8 @@ class CommonConfig:
             raise ConfigError(f"config field output_dir={self.output_dir!r} is a file: give a directory")
         for name in ("pretrained_model", "dataset"):
             value = getattr(self, name)
-            if value != "sandbox" and not Path(os.path.expanduser(value)).exists() and _looks_local(value):
+            named = ("sandbox",) if name == "pretrained_model" else NAMED_DATASETS
+            if value not in named and not Path(os.path.expanduser(value)).exists() and _looks_local(value):
                 raise ConfigError(
                     f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); "
                     "check the path"

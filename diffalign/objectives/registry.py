@@ -31,6 +31,7 @@ OBJECTIVE_MODULES: dict[str, str] = {
     "dreambooth": "diffalign.objectives.dreambooth",
     "dreambooth_prior": "diffalign.objectives.dreambooth",
     "rpo": "diffalign.objectives.rpo",
+    "ppd": "diffalign.objectives.ppd",
 }
 
 INPUTS = ("pair_errors", "winner_errors", "trajectory_logprobs")
@@ -39,6 +40,7 @@ TIMESTEPS = ("uniform", "grid")
 NOISINGS = ("gaussian", "ddim_inversion")
 ERROR_SPACES = ("target", "x0")
 SUBJECT_PAIRS = ("context", "class")
+CONDITIONINGS = ("text", "user")
 
 
 @dataclass
@@ -79,6 +81,9 @@ class ObjectiveSpec:
     subject_pairs: str | None = None
     prepare_rewards: Callable[..., Any] | None = None
     min_images_per_prompt: int = 1
+    # what the trained model is conditioned on besides the text: "user" adds user tokens from k other pairs of the
+    # pair's user through a decoupled cross-attention (PPD: diffalign/training/user_conditioning.py)
+    conditioning: str = "text"
 
     def __post_init__(self) -> None:
         for field, value, valid in (
@@ -88,6 +93,7 @@ class ObjectiveSpec:
             ("noising", self.noising, NOISINGS),
             ("error_space", self.error_space, ERROR_SPACES),
             ("subject_pairs", self.subject_pairs, (None, *SUBJECT_PAIRS)),
+            ("conditioning", self.conditioning, CONDITIONINGS),
         ):
             if value not in valid:
                 raise ValueError(f"ObjectiveSpec {self.name!r}: {field}={value!r}; valid: {list(valid)}")

@@ -58,6 +58,13 @@ class OfflinePairsTrainer:
                 f"dataset {cfg.dataset!r} split {cfg.split!r} has 0 usable pairs "
                 f"({self.data.describe().get('filtering', 'no rows')}); choose another split or tie_policy"
             )
+        self.user_conditioning = None
+        if (
+            self.spec.conditioning == "user"
+        ):  # PPD: user branch + projector join the UNet before the optimizer
+            from .user_conditioning import UserConditioning
+
+            self.user_conditioning = UserConditioning.build(cfg, run)
         self.effective_batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
         optimizer, lr_scheduler, self.lr, self.num_trainable = build_optimization(run, self.effective_batch)
         run.unet, self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
@@ -82,6 +89,7 @@ class OfflinePairsTrainer:
             **_inverse_schedule(comps.noise_scheduler),
         )
         self.step_fn.latent_store = self.data.latent_store
+        self.step_fn.user_conditioning = self.user_conditioning
         self.step_fn.reference_errors = reference_cache.build_for_run(
             cfg, run, self.data, self.spec, self.step_fn
         )
@@ -291,9 +299,14 @@ class OfflinePairsTrainer:
         return outputs.validate(self.run, self.global_step)
 
     def export(self, metrics: dict | None = None) -> Path:
-        return outputs.export(self.run, metrics or {}, self.data.describe())
+        target = outputs.export(self.run, metrics or {}, self.data.describe())
+        if self.user_conditioning is not None and self.accelerator.is_main_process:
+            self.user_conditioning.export(self.output_dir, outputs.check_finite)
+        return target
 
     def evaluate(self) -> dict | None:
+        if self.user_conditioning is not None:  # per-user evaluation on unseen users (eval.json + per_user)
+            return outputs.evaluate_personal(self.run, self.user_conditioning)
         point = (self.global_step, self.train_seconds()) if self.cfg.eval_curve_steps else None
         return outputs.evaluate(self.run, curve_point=point)
 

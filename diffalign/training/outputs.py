@@ -105,6 +105,10 @@ def validate(run: Run, step: int) -> Path | None:
     return path
 
 
+def _is_user_module_key(key: str) -> bool:
+    return key.startswith("user_projector.") or ".to_k_user." in key or ".to_v_user." in key
+
+
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to write non-finite weights: raise naming the first bad tensor."""
     for name, tensor in state.items():
@@ -132,6 +136,8 @@ def export(run: Run, metrics: dict, data_description: dict) -> Path:
     else:
         target = run.output_dir / "unet"
         if acc.is_main_process:
+            # a user branch (PPD) is exported on its own (user_attention.safetensors): the UNet stays stock-loadable
+            state = {k: v for k, v in state.items() if not _is_user_module_key(k)}
             check_finite(state, f"export to {target}")
             unet.save_pretrained(target, safe_serialization=True, state_dict=state)
     if acc.is_main_process:
@@ -208,3 +214,32 @@ def append_curve_point(output_dir: Path, step: int, train_seconds: float, result
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     tmp.replace(path)
+
+
+def evaluate_personal(run: Run, user_conditioning) -> dict | None:
+    """PPD's evaluation: for every unseen user of the data (or the first ``user_eval_users``), its ``k`` context
+    pairs give its tokens; the personalised model (adapters on, tokens) and the base (adapters off, no tokens)
+    sample its own test captions with the same seeds, and that user's score decides (:func:`diffalign.eval.personal.
+    evaluate_personal`: ``eval.json`` in the common format plus ``per_user``)."""
+    cfg, acc = run.cfg, run.accelerator
+    result = None
+    if acc.is_main_process:
+        from ..eval.personal import evaluate_personal as personal
+        from ..eval.personal import format_personal, resolve_ppd_dir, unseen_user_ids
+
+        p = cfg.params
+        data_dir = resolve_ppd_dir(cfg.dataset)
+        ids = unseen_user_ids(data_dir)
+        ids = ids[: p.user_eval_users] if p.user_eval_users else ids
+        run.unet.eval()
+        result = personal(
+            inference_pipeline(run), user_conditioning.encoder(), data_dir, user_ids=ids,
+            k=p.user_context_pairs, seeds=cfg.eval_seeds, steps=cfg.eval_steps, guidance=cfg.eval_guidance,
+            batch_size=cfg.eval_batch_size, output_dir=run.output_dir, user_scale=p.user_scale,
+        )  # fmt: skip
+        print(format_personal(result))
+        print(
+            f"evaluation written to {run.output_dir / 'eval.json'} (per user: {run.output_dir / 'per_user.md'})"
+        )
+    acc.wait_for_everyone()
+    return result

@@ -54,6 +54,8 @@ class PairStep:
     reference_errors: Any = None
     # cache_mode lazy (:mod:`diffalign.data.lazy_cache`): completes batches and records new encodings
     latent_store: Any = None
+    # spec.conditioning "user" (PPD): UserConditioning, giving each pair's user tokens for the policy's UNet call
+    user_conditioning: Any = None
     # cfg.channels_last: the UNet's weights are channels-last, so its inputs are made so too
     channels_last: bool = False
     # per-run results a noising part keeps per image (NoisingContext.state): e.g. the reference's inversion grids
@@ -170,8 +172,16 @@ class PairStep:
         error = parts.ERROR_SPACES[self.spec.error_space]
         weighting = getattr(self.params, "error_weighting", "none")
 
+        policy_kwargs = kwargs
+        if (
+            self.user_conditioning is not None
+        ):  # the trained model sees the pair's user; the reference does not
+            with record_function("diffalign/user_tokens"):
+                tokens = self.user_conditioning.tokens(batch["index"], epoch, self.device)
+            extra = {**kwargs.get("cross_attention_kwargs", {}), "user_tokens": tokens}
+            policy_kwargs = {**kwargs, "cross_attention_kwargs": extra}
         with record_function("diffalign/policy_forward"):
-            pred = self.unet(self._unet_input(noisy), tk, **kwargs).sample
+            pred = self.unet(self._unet_input(noisy), tk, **policy_kwargs).sample
             model_err = error(pred, x0, eps, noisy, tk, ctx, weighting)
         ref_err = None
         if self.spec.needs_reference:

@@ -1,0 +1,257 @@
+"""The personalised evaluation of PPD runs (diffalign.eval.personal, scripts/eval_ppd.py) on a tiny run directory
+built here (the sandbox pipeline, a random LoRA, a random user branch, a fresh sandbox-CLIP user encoder) and a
+small sandbox-ppd build: 2 users x 2 captions x 1 seed x 4 sampling steps, so the whole file runs in seconds.
+
+What must hold: the numbers in eval.json agree with each other and with a recomputation from the saved per-image
+scores; the base side is the stock pipeline's images; a zero LoRA and a zero user branch give the base exactly (all
+ties, 0.5); retrieval is perfect for an encoder that knows the users; interpolation endpoints are the users' own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffalign.data.ppd import build_ppd_data, load_context_pairs, load_test_prompts
+from diffalign.errors import ConfigError
+from diffalign.eval import personal
+from diffalign.eval.compare import generate
+from diffalign.models.lora import add_lora, save_lora
+from diffalign.models.user_attention import add_user_attention, save_user_attention, user_processors
+from diffalign.models.user_encoder import ClipPairFeaturizer, UserEncoder
+from diffalign.sandbox import SANDBOX_PIPELINE
+
+STEPS = 4
+GEN = {"steps": STEPS, "guidance": 5.0}
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+
+
+def stock_pipeline() -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(SANDBOX_PIPELINE)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_run(run_dir: Path, encoder: UserEncoder, *, random: bool) -> Path:
+    """A PPD run directory as training writes it; ``random=False``: LoRA and user value projections at zero."""
+    unet = stock_pipeline().unet
+    add_lora(unet, rank=4, alpha=None, target_modules=TARGETS)  # lora_B starts at zero
+    gen = torch.Generator().manual_seed(0)
+    if random:
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    save_lora(run_dir / "lora", unet)
+    add_user_attention(unet, user_dim=32)  # to_v_user starts at zero
+    if random:
+        with torch.no_grad():
+            for proc in user_processors(unet).values():
+                proc.to_v_user.weight.copy_(0.3 * torch.randn(proc.to_v_user.weight.shape, generator=gen))
+    save_user_attention(unet, run_dir / "user_attention.safetensors")
+    encoder.save(run_dir / "user_encoder")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppd_eval")
+    build_ppd_data(root / "ppd", max_source_pairs=80)
+    encoder = UserEncoder.build(ClipPairFeaturizer("sandbox-clip"))
+    runs = {name: make_run(root / name, encoder, random=name == "random") for name in ("random", "zero")}
+    users = personal.unseen_user_ids(root / "ppd")
+    return {"root": root, "data": root / "ppd", "runs": runs, "users": users[:2]}
+
+
+@pytest.fixture(scope="module")
+def random_pipe(world):
+    return personal.load_personalized(SANDBOX_PIPELINE, world["runs"]["random"])
+
+
+@pytest.fixture(scope="module")
+def evaluated(world, random_pipe):
+    """One evaluation of the random run, against the zero run's LoRA (a generic run that is exactly the base)."""
+    pipe, encoder = random_pipe
+    against = personal.load_generic(SANDBOX_PIPELINE, world["runs"]["zero"])
+    cache: dict = {}
+    out = world["root"] / "eval_random"
+    result = personal.evaluate_personal(
+        pipe, encoder, world["data"], user_ids=world["users"], k=4, seeds=(0,), num_prompts=2,
+        output_dir=out, against=against, base_images=cache, **GEN,
+    )  # fmt: skip
+    return result, cache, out
+
+
+def _recount(a: np.ndarray, b: np.ndarray) -> dict:
+    d = a - b
+    wins, losses = int((d > 1e-6).sum()), int((d < -1e-6).sum())
+    ties = len(d) - wins - losses
+    return {"wins": wins, "ties": ties, "losses": losses, "n": len(d), "win_rate": (wins + ties / 2) / len(d)}
+
+
+def test_eval_json_is_the_common_format_and_recomputes(world, evaluated):
+    result, _, out = evaluated
+    saved = json.loads((out / "eval.json").read_text())
+    assert (out / "per_user.md").is_file() and (out / "samples.png").is_file()
+    assert saved["win_rate"] == result["win_rate"] and saved["per_user"] == result["per_user"]
+    wr = saved["win_rate"]
+    assert (
+        wr["n"] == 4 == saved["num_prompts"] == saved["num_images_per_side"]
+    )  # 2 users x 2 captions x 1 seed
+    assert wr["wins"] + wr["ties"] + wr["losses"] == wr["n"]
+    assert wr["win_rate"] == pytest.approx((wr["wins"] + wr["ties"] / 2) / wr["n"])
+    assert (
+        wr["method"] == "wilson"
+        and wr["confidence"] == 0.95
+        and wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
+    )
+    assert saved["primary"] == "user_score" and saved["k"] == 4 and saved["user_ids"] == world["users"]
+    for aspect in ("user_score", "overall", "prompt_following", "aesthetic"):
+        assert set(saved["aspects"][aspect]) == {"base", "aligned"}
+
+    rows = saved["images"]
+    assert [(r["user_id"], r["seed"]) for r in rows] == [(u, 0) for u in world["users"] for _ in range(2)]
+    pers = np.array([r["user_score"]["personalized"] for r in rows])
+    base = np.array([r["user_score"]["base"] for r in rows])
+    assert saved["aspects"]["user_score"]["aligned"]["mean"] == pytest.approx(pers.mean())
+    rates = []
+    for p in saved["per_user"]:
+        mine = [i for i, r in enumerate(rows) if r["user_id"] == p["user_id"]]
+        expect = _recount(pers[mine], base[mine])
+        assert {k: p[k] for k in expect} == pytest.approx(expect)
+        assert p["mean_user_score"]["base"] == pytest.approx(base[mine].mean())
+        rates.append(p["win_rate"])
+    assert {k: wr[k] for k in ("wins", "ties", "losses", "n")} == {
+        k: v for k, v in _recount(pers, base).items() if k != "win_rate"
+    }
+    assert saved["mean_user_win_rate"] == pytest.approx(np.mean(rates))
+    assert (saved["min_user_win_rate"], saved["max_user_win_rate"]) == (min(rates), max(rates))
+    # the against run is the base exactly: vs against = vs base, and against vs base is all ties
+    va = saved["vs_against"]
+    assert va["win_rate"] == wr and va["against_vs_base"]["ties"] == 4
+    assert [r["user_score"]["against"] for r in rows] == [r["user_score"]["base"] for r in rows]
+
+
+def test_base_side_is_the_stock_pipeline_scored_by_each_user(world, evaluated, random_pipe):
+    result, cache, _ = evaluated
+    rows = result["images"]
+    stock = generate(stock_pipeline(), [r["prompt"] for r in rows], [r["seed"] for r in rows], **GEN)
+    cached = np.stack([cache[(r["prompt"], r["seed"], STEPS, 5.0)] for r in rows])
+    np.testing.assert_array_equal(cached, stock)
+    users = personal.population_users(world["data"])
+    for r, image in zip(rows, stock, strict=True):
+        assert r["user_score"]["base"] == pytest.approx(
+            users[r["user_id"]].score(image[None], [r["prompt"]])[0]
+        )
+    # the personalised side really is another model: the LoRA and the user tokens change the images
+    pipe, encoder = random_pipe
+    tokens = personal.user_tokens(encoder, world["data"], rows[0]["user_id"], 4)
+    mine = personal.generate_personalized(pipe, [rows[0]["prompt"]], [0], tokens, **GEN)
+    assert (mine != stock[:1]).any()
+
+
+def test_zero_lora_and_zero_user_branch_give_the_base_exactly(world, tmp_path):
+    pipe, encoder = personal.load_personalized(SANDBOX_PIPELINE, world["runs"]["zero"])
+    uid = world["users"][0]
+    prompts = load_test_prompts(world["data"])[uid][:2]
+    tokens = personal.user_tokens(encoder, world["data"], uid, 4)
+    assert tokens.abs().sum() > 0  # the tokens are there; only the branch's values are zero
+    mine = personal.generate_personalized(pipe, prompts, [0, 0], tokens, **GEN)
+    with personal.base_context(pipe):
+        base = generate(pipe, prompts, [0, 0], **GEN)
+    np.testing.assert_array_equal(mine, base)
+    result = personal.evaluate_personal(
+        pipe, encoder, world["data"], user_ids=world["users"], num_prompts=2, output_dir=tmp_path,
+        filename="zero.json", **GEN,
+    )  # fmt: skip
+    assert (tmp_path / "zero.json").is_file()
+    assert (
+        result["win_rate"]["win_rate"] == 0.5 and result["win_rate"]["ties"] == result["win_rate"]["n"] == 4
+    )
+    assert all(p["win_rate"] == 0.5 and p["ties"] == p["n"] for p in result["per_user"])
+    assert all(r["user_score"]["personalized"] == r["user_score"]["base"] for r in result["images"])
+
+
+class OneHotEncoder:
+    """Knows which user gave which context pairs: the embedding of any k of a user's pairs, in order, is the user's
+    one-hot, so retrieval must be perfect."""
+
+    def __init__(self, data_dir: Path, user_ids: list[int], k: int = 4) -> None:
+        self.owner: dict[tuple, int] = {}
+        for j, uid in enumerate(user_ids):
+            pairs = [(p["caption"], p["preferred"], p["rejected"]) for p in load_context_pairs(data_dir, uid)]
+            for start in range(0, len(pairs) - k + 1):
+                self.owner[tuple(pairs[start : start + k])] = j
+        self.n = len(user_ids)
+
+    def embed(self, pairs):
+        return torch.nn.functional.one_hot(torch.tensor(self.owner[tuple(pairs)]), self.n).float()[None]
+
+
+def test_user_retrieval(world, random_pipe):
+    ids = personal.unseen_user_ids(world["data"])[:3]
+    real = personal.user_retrieval(random_pipe[1], world["data"], user_ids=ids, k=4)
+    assert 0.0 <= real["top1_accuracy"] <= 1.0 and real["chance"] == pytest.approx(1 / 3)
+    assert real["num_users"] == 3 and set(real["nearest"]) == {str(u) for u in ids}
+    ids = personal.unseen_user_ids(world["data"])[:6]
+    known = personal.user_retrieval(OneHotEncoder(world["data"], ids), world["data"], user_ids=ids, k=4)
+    assert known["top1_accuracy"] == 1.0 and known["same_user_cosine"] == pytest.approx(1.0)
+    assert known["different_user_cosine"] == pytest.approx(0.0) and known["chance"] == pytest.approx(1 / 6)
+
+
+def test_interpolation_endpoints_are_the_users_own(world, random_pipe, tmp_path):
+    pipe, encoder = random_pipe
+    a, b = world["users"]
+    users = personal.population_users(world["data"])
+    ta, tb = (personal.user_tokens(encoder, world["data"], u, 4) for u in (a, b))
+    prompts = load_test_prompts(world["data"])[a][:2]
+    curve = personal.interpolation_curve(pipe, ta, tb, users[a], users[b], prompts, alphas=(0, 0.5, 1), **GEN)
+    assert [p["alpha"] for p in curve["points"]] == [0.0, 0.5, 1.0]
+    assert isinstance(curve["monotone_a"], bool) and isinstance(curve["monotone_b"], bool)
+    for point, tokens in ((curve["points"][0], ta), (curve["points"][-1], tb)):
+        images = personal.generate_personalized(pipe, prompts, [0, 0], tokens, **GEN)
+        assert point["score_a"] == pytest.approx(users[a].score(images, prompts).mean())
+        assert point["score_b"] == pytest.approx(users[b].score(images, prompts).mean())
+    assert personal.plot_interpolation(curve, tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_missing_run_files_are_named(world, tmp_path):
+    with pytest.raises(ConfigError, match="user_attention.safetensors"):
+        personal.load_personalized(
+            SANDBOX_PIPELINE, world["runs"]["zero"] / "lora"
+        )  # a generic run's LoRA only
+    with pytest.raises(ConfigError, match="pytorch_lora_weights"):
+        personal.load_personalized(SANDBOX_PIPELINE, tmp_path)
+
+
+def test_script_end_to_end(world, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "eval_ppd", Path(__file__).parents[1] / "scripts/eval_ppd.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a, b = world["users"]
+    summary = module.main(
+        ["--run_dir", str(world["runs"]["random"]), "--model", str(SANDBOX_PIPELINE), "--data", str(world["data"]),
+         "--num_users", "2", "--steps", "4", "--num-prompts", "2", "--against", str(world["runs"]["zero"]),
+         "--interpolate", str(a), str(b), "--output_dir", str(tmp_path), "--device", "cpu"]
+    )  # fmt: skip
+    for name in (
+        "eval.json",
+        "per_user.md",
+        "samples.png",
+        "retrieval.json",
+        "interpolation.png",
+        "summary.json",
+    ):
+        assert (tmp_path / name).is_file(), name
+    assert summary["win_rate"]["n"] == 4 and summary["vs_against"] is not None
+    assert summary["retrieval"]["num_users"] == 2 and len(summary["interpolation"]["points"]) == 5
+    text = capsys.readouterr().out
+    assert "win rate" in text and "user retrieval" in text and "interpolation" in text

@@ -1,0 +1,132 @@
+"""PPD training on the offline core: user tokens from k other pairs of the pair's user reach the policy only, the user
+branch and projector train, checkpoints resume bit-identically, and the export loads into a stock UNet.
+
+Runs on a small relabelling of the sandbox pairs (``build_ppd_data(max_source_pairs=80)``: 160 training rows of
+192 users... each user with its few pairs), a few steps each."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import losses, run_script
+from safetensors.torch import load_file
+
+from diffalign.sandbox import SANDBOX_PIPELINE
+
+
+@pytest.fixture(scope="module")
+def ppd_data(tmp_path_factory):
+    from diffalign.data.ppd import build_ppd_data
+
+    out = tmp_path_factory.mktemp("ppd") / "data"
+    build_ppd_data(out, max_source_pairs=240, users_per_pair=4)
+    return out
+
+
+def _args(data, out, *extra, steps=4):
+    return [
+        "--config", "configs/sandbox_ppd.yaml", "--dataset", str(data), "--output_dir", str(out),
+        "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
+        "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none", "--logging_steps", "1",
+        "--train_batch_size", "8", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--use_cache", "false",
+        "--user_tokens", "2", "--user_projector_hidden", "32", *extra,
+    ]  # fmt: skip
+
+
+def test_ppd_trains_the_user_branch_resumes_exactly_and_exports(ppd_data, tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run_script(_args(ppd_data, straight), timeout=900)
+    curve = losses(straight)
+    assert abs(curve[0] - 0.6931471805599453) < 1e-6  # fresh LoRA, zero user values: the base on both sides
+    assert len(set(curve)) > 1
+    run_script(_args(ppd_data, cut, "--max_train_steps", "2"), timeout=900)
+    run_script(_args(ppd_data, cut, "--resume_from_checkpoint", str(cut / "checkpoint-2")), timeout=900)
+    for name in ("lora/pytorch_lora_weights.safetensors", "user_attention.safetensors",
+                 "user_encoder/user_projector.safetensors"):  # fmt: skip
+        a, b = load_file(straight / name), load_file(cut / name)
+        assert a.keys() == b.keys(), name
+        assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0, name
+    assert losses(straight)[2:] == losses(cut)[-2:]
+
+    # the user branch moved off zero, and the export loads into a stock UNet / a stock encoder
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.models.user_attention import load_user_attention, user_processors
+    from diffalign.models.user_encoder import UserEncoder
+
+    values = [v for k, v in load_file(straight / "user_attention.safetensors").items() if "to_v_user" in k]
+    assert values and max(v.abs().max().item() for v in values) > 0
+    unet = UNet2DConditionModel.from_pretrained(SANDBOX_PIPELINE, subfolder="unet")
+    meta = load_user_attention(unet, straight / "user_attention.safetensors")
+    assert meta["metadata"]["user_context_pairs"] == 4 and len(user_processors(unet)) > 0
+    encoder = UserEncoder.load(straight / "user_encoder")
+    from diffalign.data.ppd import load_context_pairs, load_users
+
+    unseen = [u["user_id"] for u in load_users(ppd_data) if u["split"] == "unseen"]
+    pairs = load_context_pairs(ppd_data, unseen[0])[:4]
+    tokens = encoder.embed([(p["caption"], p["preferred"], p["rejected"]) for p in pairs])
+    assert tokens.shape == (2, 32) and torch.isfinite(tokens).all()
+    x = torch.randn(1, 4, 8, 8)
+    ehs = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        plain = unet(x, 500, encoder_hidden_states=ehs).sample
+        personal = unet(
+            x, 500, encoder_hidden_states=ehs, cross_attention_kwargs={"user_tokens": tokens[None]}
+        ).sample
+    assert (plain - personal).abs().max() > 0
+    config = json.loads((straight / "config.json").read_text())
+    assert config["objective"] == "ppd"
+
+
+def test_context_pairs_are_other_pairs_of_the_same_user_and_redrawn_each_epoch(ppd_data):
+    from types import SimpleNamespace
+
+    from diffalign.training.user_conditioning import UserConditioning
+
+    users = np.array([7, 7, 7, 7, 7, 7, 9, 9, 3])
+    rows = {7: np.arange(6), 9: np.array([6, 7]), 3: np.array([8])}
+    params = SimpleNamespace(user_context_pairs=3)
+    cond = UserConditioning(None, None, None, torch.zeros(9, 5), users, rows, params, seed=0)
+    for r in range(6):
+        got = cond.context_rows(r, epoch=0)
+        assert len(got) == 3 and r not in got and set(got) <= set(range(6)) and len(set(got)) == 3
+        assert np.array_equal(got, cond.context_rows(r, epoch=0))  # a resumed run draws the same
+    assert any(not np.array_equal(cond.context_rows(r, 0), cond.context_rows(r, 1)) for r in range(6))
+    assert cond.context_rows(6, 0).tolist() == [7]  # fewer than k others: all of them
+    assert cond.context_rows(8, 0).tolist() == []  # no other pair: no context
+
+
+def test_tokens_come_from_the_projector_of_the_drawn_context_and_are_zero_without_context():
+    from types import SimpleNamespace
+
+    from diffalign.models.user_encoder import UserProjector
+    from diffalign.training.user_conditioning import UserConditioning
+
+    feats = torch.randn(9, 5)
+    users = np.array([7, 7, 7, 7, 7, 7, 9, 9, 3])
+    rows = {7: np.arange(6), 9: np.array([6, 7]), 3: np.array([8])}
+    proj = UserProjector(5, num_tokens=2, token_dim=4, hidden=8)
+    cond = UserConditioning(
+        None, proj, None, feats, users, rows, SimpleNamespace(user_context_pairs=3), seed=1
+    )
+    cond._projector = lambda: proj  # no UNet here: the projector itself
+    out = cond.tokens(torch.tensor([0, 6, 8]), epoch=2, device=torch.device("cpu"))
+    assert out.shape == (3, 2, 4)
+    want0 = proj(feats[torch.from_numpy(cond.context_rows(0, 2))][None])
+    want6 = proj(feats[[7]][None])  # its one other pair
+    assert torch.allclose(out[0], want0[0], atol=1e-6) and torch.allclose(out[1], want6[0], atol=1e-6)
+    assert torch.equal(out[2], torch.zeros(2, 4))
+
+
+def test_ppd_config_errors():
+    from diffalign.config import TrainConfig
+    from diffalign.errors import ConfigError
+    from diffalign.objectives.ppd import PPDParams
+
+    with pytest.raises(ConfigError, match="user_context_pairs must be >= 1"):
+        PPDParams(user_context_pairs=0)
+    with pytest.raises(ConfigError, match="objective ppd needs an indexed dataset"):
+        TrainConfig(objective="ppd", streaming=True, use_cache=False)
