@@ -2,13 +2,16 @@
 
     python demo/app.py                                  # sandbox base vs demo/assets/sandbox-dpo-lora
     python demo/app.py --base /models/sd15 --aligned outputs/dpo-sd15 --allow-root /models
+    python demo/app.py --ppd-run outputs/ppd-sandbox    # the personalised tab with this PPD run (the default)
     python demo/app.py --host 0.0.0.0 --port 7860       # listen on every interface (trusted networks only)
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 python demo/app.py   # the same, as Spaces / Docker set it
 
 The page: prompt, negative prompt, seed, steps, guidance; base and aligned images from the same seed with their
 scores under a catalog reward; a gallery of several seeds with per-seed win/loss and the tally; the model fields
 (paths restricted to the allowed roots, see ``demo/core.py``) and a LoRA-scale slider (0 = base, 1 = aligned).
-All the logic lives in ``demo/core.py``; this file only lays it out.
+The "Personalised" tab (PPD, ``--ppd-run``): a sandbox user's taste, or the visitor's answers on 4 pairs, embedded by
+the run's user encoder; base and personalised image from the same seed (``demo/personal.py``).
+All the logic lives in ``demo/core.py`` and ``demo/personal.py``; this file only lays it out.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python demo/app.py` from a checkout
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from demo.core import (  # noqa: E402
@@ -43,6 +47,17 @@ from demo.core import (  # noqa: E402
     format_scores,
     tally,
     validate_request,
+)
+from demo.personal import (  # noqa: E402
+    DEFAULT_PERSONAL_PROMPT,
+    DEFAULT_PPD_DATA,
+    DEFAULT_PPD_RUN,
+    LEFT,
+    RIGHT,
+    SOURCE_ANSWERS,
+    SOURCE_USER,
+    PersonalConfig,
+    PersonalEngine,
 )
 from diffalign.rewards.catalog import list_rewards  # noqa: E402
 
@@ -63,9 +78,96 @@ def _fail(err: Exception) -> gr.Error:
     return gr.Error(f"{type(err).__name__}: {err}", title="Could not load or run the models")
 
 
-def build_app(engine: DemoEngine, concurrency: int = 1) -> gr.Blocks:
-    """The Gradio page around ``engine`` (see the module docstring)."""
+def _jpeg_view(data: bytes):
+    """A stored 32 px JPEG, enlarged so a visitor can judge it."""
+    from diffalign.data.pickapic_rows import decode_jpeg
+
+    return enlarge(decode_jpeg(data)[None], min_side=160)[0]
+
+
+def _personal_tab(personal: PersonalEngine, seed, steps, guidance, lim: Limits, concurrency: int) -> None:
+    """The "Personalised" tab's contents: only the status sentence when the run or its data is not there."""
+    ok, message = personal.prepare()
+    gr.Markdown(message if ok else f"⚠️ {message}", elem_id="ppd-status")
+    if not ok:
+        return
+    gr.Markdown(
+        "A user is told by **4 pairs** (caption, preferred image, rejected image); the run's encoder turns them into "
+        "user tokens. **Base**: the model the run started from (LoRA off, no tokens). **Personalised**: LoRA on, the "
+        "tokens in. Same seed on both sides (seed, steps and guidance: the fields above)."
+    )
+    with gr.Row():
+        source = gr.Radio(
+            [SOURCE_USER, SOURCE_ANSWERS], value=SOURCE_USER, label="Whose taste?", elem_id="ppd-source"
+        )
+        prompt = gr.Textbox(
+            DEFAULT_PERSONAL_PROMPT,
+            label="Prompt (leave size, colour, background… open so a taste can show)",
+            scale=2,
+            elem_id="ppd-prompt",
+        )
+    choices = personal.user_choices()
+    with gr.Group(visible=True) as user_box:
+        user = gr.Dropdown(
+            choices,
+            value=choices[0][1] if choices else None,
+            label="Pick a sandbox user (never seen in training; their 4 context pairs give the embedding)",
+            elem_id="ppd-user",
+        )
+    answers = []
+    with gr.Group(visible=False) as answer_box:
+        gr.Markdown(
+            "Answer 4 pairs yourself: for each caption, which image is better? Your answers are embedded."
+        )
+        for i, q in enumerate(personal.questions(), start=1):
+            with gr.Row():
+                gr.Image(_jpeg_view(q.left), label=f"{i}. left", format="png", interactive=False, height=180)
+                gr.Image(
+                    _jpeg_view(q.right), label=f"{i}. right", format="png", interactive=False, height=180
+                )
+                answers.append(gr.Radio([LEFT, RIGHT], label=f"{i}. {q.caption}", elem_id=f"ppd-answer-{i}"))
+    go = gr.Button("Generate personalised", variant="primary", elem_id="generate-personal")
+    note = gr.Markdown(elem_id="ppd-note")
+    with gr.Row():
+        with gr.Column():
+            base_img = gr.Image(label="Base", format="png", elem_id="ppd-base-image", interactive=False)
+            base_md = gr.Markdown(elem_id="ppd-base-score")
+        with gr.Column():
+            mine_img = gr.Image(
+                label="Personalised", format="png", elem_id="ppd-personal-image", interactive=False
+            )
+            mine_md = gr.Markdown(elem_id="ppd-personal-score")
+
+    def personalise(p, sd, st, g, src, uid, *ans):
+        try:
+            req = validate_request(p, "", sd, st, g, 1, 1.0, lim)
+            res = personal.run(src, uid, list(ans), req)
+        except Exception as err:
+            raise _fail(err) from err
+        big = enlarge(np.stack([res.base, res.personal]))
+        return big[0], big[1], res.base_md, res.personal_md, f"seed {req.seeds[0]} · {res.note}"
+
+    source.change(
+        lambda s: (gr.update(visible=s == SOURCE_USER), gr.update(visible=s == SOURCE_ANSWERS)),
+        source,
+        [user_box, answer_box],
+        queue=False,
+    )
+    go.click(
+        personalise,
+        [prompt, seed, steps, guidance, source, user, *answers],
+        [base_img, mine_img, base_md, mine_md, note],
+        concurrency_limit=concurrency,
+        concurrency_id="generate",
+    )
+
+
+def build_app(engine: DemoEngine, concurrency: int = 1, personal: PersonalEngine | None = None) -> gr.Blocks:
+    """The Gradio page around ``engine`` (see the module docstring); ``personal``: the "Personalised" tab's engine
+    (default: the PPD run at ``outputs/ppd-sandbox``)."""
     cfg, lim = engine.config, engine.config.limits
+    if personal is None:
+        personal = PersonalEngine(PersonalConfig(device=cfg.device, dtype=cfg.dtype))
     rewards = list_rewards()
     with gr.Blocks(title="diffalign demo") as app:
         gr.Markdown(INTRO)
@@ -128,6 +230,9 @@ def build_app(engine: DemoEngine, concurrency: int = 1) -> gr.Blocks:
             aligned_gal = gr.Gallery(
                 label="Aligned", columns=lim.max_images, format="png", elem_id="aligned-gallery"
             )
+
+        with gr.Tab("Personalised", elem_id="personal-tab"):
+            _personal_tab(personal, seed, steps, guidance, lim, concurrency)
 
         def compare_one(b, a, s, p, n, sd, st, g, r):
             try:
@@ -250,6 +355,22 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
         "--max-seeds", type=int, default=Limits.max_images, help="gallery: seeds per click at most"
     )
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
+    p.add_argument(
+        "--ppd-run",
+        "--ppd_run",
+        default=str(DEFAULT_PPD_RUN),
+        metavar="DIR",
+        help="personalised tab: a PPD run directory (lora/, user_attention.safetensors, user_encoder/)",
+    )
+    p.add_argument(
+        "--ppd-data",
+        default=DEFAULT_PPD_DATA,
+        metavar="DIR",
+        help="personalised tab: a sandbox-ppd build, or 'sandbox-ppd' (built once into the cache, ~1 min)",
+    )
+    p.add_argument(
+        "--ppd-base", default="sandbox", help="personalised tab: the pipeline the PPD run was trained from"
+    )
     return p.parse_args(argv)
 
 
@@ -269,7 +390,17 @@ def main(argv: list[str] | None = None) -> None:
     engine = DemoEngine(config)
     print("diffalign demo:", engine.describe(config.base, config.aligned), flush=True)
     print("model paths allowed under:", ", ".join(map(str, config.roots)), flush=True)
-    app = build_app(engine, concurrency=args.concurrency)
+    personal = PersonalEngine(
+        PersonalConfig(
+            run_dir=args.ppd_run,
+            data=args.ppd_data,
+            base=args.ppd_base,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+        )
+    )
+    app = build_app(engine, concurrency=args.concurrency, personal=personal)
+    print("personalised tab:", personal.prepare()[1], flush=True)
     app.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False)
 
