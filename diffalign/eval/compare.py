@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,8 +100,9 @@ def generate_paired(base_pipe, aligned_pipe, prompts, seeds, **kw) -> PairedSamp
     return PairedSamples(rows_p, rows_s, base, aligned)
 
 
-def per_prompt_mean(values: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-    """Average rows that share a prompt (the unit of the win rate is the prompt, seeds are averaged within it)."""
+def per_prompt_mean(values: np.ndarray, prompts: Sequence[Any]) -> np.ndarray:
+    """Average rows that share a prompt (the unit of the win rate is the prompt, seeds are averaged within it), in
+    first-appearance order; any hashable key works (PPD's unit is a (user, prompt) pair)."""
     order: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         order.setdefault(p, []).append(i)

@@ -50,7 +50,7 @@ from ..data.ppd import DATASET_NAME, ensure_ppd_data, load_context_pairs, load_t
 from ..errors import ConfigError
 from ..sandbox.judge import Judge, analyze, parse_prompts
 from ..sandbox.user_population import COMPONENT_NAMES, PopulationUser
-from .compare import adapters_disabled, expand_prompts, generate
+from .compare import adapters_disabled, expand_prompts, generate, per_prompt_mean
 from .report import labelled_grid, markdown_table
 from .stats import mean_ci, paired_win_rate
 
@@ -254,14 +254,6 @@ def _score(
     return out
 
 
-def _unit_means(values: np.ndarray, keys: Sequence[Any]) -> np.ndarray:
-    """Mean over rows sharing a key (a prompt, or a (user, prompt) unit), in first-appearance order."""
-    groups: dict[Any, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    return np.array([float(np.mean(values[g])) for g in groups.values()])
-
-
 def _comparison(
     aligned: Mapping[str, np.ndarray],
     base: Mapping[str, np.ndarray],
@@ -275,7 +267,7 @@ def _comparison(
         "primary": PRIMARY,
         "num_prompts": len(dict.fromkeys(units)),
         "num_images_per_side": len(rows),
-        "win_rate": paired_win_rate(_unit_means(a, units), _unit_means(b, units), tie_tol=TIE_TOL),
+        "win_rate": paired_win_rate(per_prompt_mean(a, units), per_prompt_mean(b, units), tie_tol=TIE_TOL),
         "aspects": {},
     }
     for name in base:
@@ -288,7 +280,7 @@ def _comparison(
     for uid in dict.fromkeys(u for u, _, _ in rows):
         r = [i for i, (u, _, _) in enumerate(rows) if u == uid]
         keys = [rows[i][1] for i in r]
-        wr = paired_win_rate(_unit_means(a[r], keys), _unit_means(b[r], keys), tie_tol=TIE_TOL)
+        wr = paired_win_rate(per_prompt_mean(a[r], keys), per_prompt_mean(b[r], keys), tie_tol=TIE_TOL)
         keep = ("win_rate", "ci_low", "ci_high", "n", "wins", "ties", "losses", "p_value")
         user = users[uid]
         per_user.append({"user_id": uid, "kind": user.kind, "strength": user.strength, **{k: wr[k] for k in keep},
