@@ -434,3 +434,41 @@ def test_vlm_chat_template_layer_errors_and_caption_sanitising(tiny_llava, tmp_p
             saved, featurizer=VLMHiddenStateFeaturizer(model=model, processor=processor, layer=-1)
         )
     assert_one_line(err, saved / "user_encoder.json", "'layer': -1")
+
+
+def test_odd_projector_negates_the_tokens_when_every_choice_is_reversed():
+    from diffalign.models.odd_projector import OddUserProjector
+    from diffalign.models.user_encoder import make_projector
+
+    proj = make_projector(12, 2, 8, 16, "mean", odd_dims=4, seed=3)
+    assert isinstance(proj, OddUserProjector)
+    f = torch.randn(3, 4, 12)
+    reversed_ = torch.cat([-f[..., :4], f[..., 4:]], dim=-1)
+    torch.testing.assert_close(proj(reversed_), -proj(f), rtol=0, atol=1e-6)
+    same_images = torch.cat([torch.zeros(3, 4, 4), f[..., 4:]], dim=-1)  # no difference: nothing chosen
+    assert proj(same_images).abs().max() < 1e-5
+    out = proj(f)
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+    enc = UserEncoder(proj, featurizer_config={"kind": "clip", "model_path": "sandbox-clip"})
+    assert enc.config()["odd_dims"] == 4
+    assert not isinstance(make_projector(12, 2, 8, 16, "mean"), OddUserProjector)
+
+
+def test_sandbox_attribute_featurizer_reads_what_differs_on_open_attributes():
+    from diffalign.models.user_encoder import featurizer_from_config
+    from diffalign.sandbox.pair_perception import AttributePairFeaturizer
+    from diffalign.sandbox.scene import Scene, render
+    from diffalign.sandbox.user_population import COMPONENT_NAMES
+
+    fz = AttributePairFeaturizer()
+    big = render(Scene(shape="circle", color="red", size="large", position="center", background="white"))
+    small = render(Scene(shape="circle", color="red", size="small", position="center", background="white"))
+    f = fz.features(["a red circle", "a large red circle"], [big, big], [small, small])
+    assert f.shape == (2, 27) and fz.odd_dims == 9
+    i_large = COMPONENT_NAMES.index("large")
+    assert f[0, i_large] > 0.5  # size open: "bigger was chosen" is read
+    assert f[1, i_large] == 0 and f[1, 18 + i_large] == 0  # size named by the caption: not a taste signal
+    back = fz.features(["a red circle", "a large red circle"], [small, small], [big, big])
+    assert torch.equal(back[:, :9], -f[:, :9]) and torch.equal(back[:, 9:], f[:, 9:])
+    assert isinstance(featurizer_from_config(fz.describe()), AttributePairFeaturizer)

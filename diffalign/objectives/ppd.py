@@ -42,6 +42,13 @@ class PPDParams(DPOParams):
     )
     user_tokens: int = field(default=4, metadata={"help": "N: user tokens per embedding"})
     user_projector_hidden: int = field(default=256, metadata={"help": "hidden width of the projector"})
+    user_projector_odd: bool = field(
+        default=True,
+        metadata={
+            "help": "make the user tokens an odd function of the choices (diffalign/models/odd_projector.py): "
+            "answering every context pair the other way negates them; false: the plain projector"
+        },
+    )
     user_scale: float = field(
         default=1.0, metadata={"help": "scale of the user cross-attention's output (training and evaluation)"}
     )

@@ -36,6 +36,12 @@ def make_featurizer(params: Any, device: torch.device | str = "cpu"):
     from ..models import user_encoder as ue
 
     name = params.user_encoder
+    if (
+        name == "sandbox-attributes"
+    ):  # the sandbox's perception stand-in for a VLM (labelled as such in results)
+        from ..sandbox.pair_perception import AttributePairFeaturizer
+
+        return AttributePairFeaturizer()
     if name.startswith("vlm:"):
         return ue.VLMHiddenStateFeaturizer(name[4:], layer=params.user_encoder_layer, device=device)
     return ue.ClipPairFeaturizer(name, device=device)
@@ -99,9 +105,10 @@ class UserConditioning:
         features[torch.from_numpy(decided)] = table
         unet = run.unet
         token_dim = unet.config.cross_attention_dim
-        projector = ue.UserProjector(
-            featurizer.dim, params.user_tokens, token_dim, params.user_projector_hidden, seed=cfg.seed
-        ).to(run.device)
+        projector = ue.make_projector(
+            featurizer.dim, params.user_tokens, token_dim, params.user_projector_hidden,
+            odd_dims=getattr(featurizer, "odd_dims", 0) if params.user_projector_odd else 0, seed=cfg.seed,
+        ).to(run.device)  # fmt: skip
         ua.add_user_attention(unet, user_dim=token_dim, scale=params.user_scale, seed=cfg.seed)
         for proc in ua.user_processors(unet).values():  # trainable weights in float32, as LoRA adapters are
             proc.to(dtype=torch.float32)
