@@ -472,3 +472,13 @@ def test_sandbox_attribute_featurizer_reads_what_differs_on_open_attributes():
     back = fz.features(["a red circle", "a large red circle"], [small, small], [big, big])
     assert torch.equal(back[:, :9], -f[:, :9]) and torch.equal(back[:, 9:], f[:, 9:])
     assert isinstance(featurizer_from_config(fz.describe()), AttributePairFeaturizer)
+
+
+def test_an_encoder_with_the_attribute_featurizer_saves_and_loads(tmp_path):
+    from diffalign.sandbox.pair_perception import AttributePairFeaturizer
+
+    enc = UserEncoder.build(AttributePairFeaturizer(), hidden=16, seed=1)
+    back = UserEncoder.load(enc.save(tmp_path / "enc"))
+    assert isinstance(back.featurizer, AttributePairFeaturizer) and back.config() == enc.config()
+    f = torch.randn(2, 4, 27)
+    torch.testing.assert_close(back.embed_features(f), enc.embed_features(f), rtol=0, atol=0)
