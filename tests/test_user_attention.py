@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny_sd
+from tiny_models import build_tiny_sd, tiny_sdxl_unet
 
 from diffalign.models.user_attention import (
     FORMAT,
@@ -55,24 +55,7 @@ def sd_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=4,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 4 + 8,
-        norm_num_groups=4,
-    ).eval()
+    return tiny_sdxl_unet(seed).eval()
 
 
 BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet}

@@ -93,10 +93,10 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
-    """A 16x16-pixel SDXL-shaped pipeline: two text encoders (8 + 8 = 16 dims), pooled embeds, time ids."""
+def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The SDXL-shaped UNet of :func:`build_tiny_sdxl`: cross-attention width 16, pooled embeds and time ids."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=8,
@@ -113,6 +113,11 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=6 * 4 + 8,  # 6 time ids x 4 + pooled dim of text_encoder_2
         norm_num_groups=4,
     )
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """A 16x16-pixel SDXL-shaped pipeline: two text encoders (8 + 8 = 16 dims), pooled embeds, time ids."""
+    unet = tiny_sdxl_unet(seed)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=_vae(),
