@@ -151,18 +151,14 @@ def ddim_inversion_noising(
     generators = None
     if p.inversion_eta > 0:
         generators = [torch.Generator().manual_seed(s) for s in ctx.row_seeds()]
-    return ddim_inversion_noise(
-        model,
-        x0,
-        t,
-        ctx.alphas_cumprod,
-        num_steps=p.inversion_steps,
-        eta=p.inversion_eta,
-        prediction_type=ctx.prediction_type,
-        steps_offset=ctx.steps_offset,
-        initial_alpha_cumprod=ctx.initial_alpha_cumprod,
-        generators=generators,
-    )
+    return ddim_inversion_noise(model, x0, t, ctx.alphas_cumprod, generators=generators, **_inversion_options(ctx))
+
+
+def _inversion_options(ctx: NoisingContext) -> dict[str, Any]:
+    """The inversion's constants: the objective's (steps, extra noise) and the scheduler's (prediction, grid)."""
+    p = ctx.params
+    return dict(num_steps=p.inversion_steps, eta=p.inversion_eta, prediction_type=ctx.prediction_type,
+                steps_offset=ctx.steps_offset, initial_alpha_cumprod=ctx.initial_alpha_cumprod)  # fmt: skip
 
 
 def _cached_reference_inversion(
@@ -184,16 +180,9 @@ def _cached_reference_inversion(
             [torch.Generator().manual_seed(seeds[r]) for r in missing] if p.inversion_eta > 0 else None
         )
         latents = ddim_inversion_grid(
-            lambda x, s, sub: ctx.reference_model(x, s, rows[sub]),
-            x0[rows],
-            ctx.alphas_cumprod,
-            num_steps=p.inversion_steps,
-            eta=p.inversion_eta,
-            prediction_type=ctx.prediction_type,
-            steps_offset=ctx.steps_offset,
-            initial_alpha_cumprod=ctx.initial_alpha_cumprod,
-            generators=generators,
-        ).to("cpu", x0.dtype if x0.dtype != torch.float16 else torch.float32)
+            lambda x, s, sub: ctx.reference_model(x, s, rows[sub]), x0[rows], ctx.alphas_cumprod,
+            generators=generators, **_inversion_options(ctx),
+        ).to("cpu", x0.dtype if x0.dtype != torch.float16 else torch.float32)  # fmt: skip
         for j, r in enumerate(missing):
             store[keys[r]] = latents[j]
     stacked = torch.stack([store[key] for key in keys]).to(x0.device)
