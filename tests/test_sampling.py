@@ -151,3 +151,51 @@ def test_sandbox_schedule_reads_the_shipped_scheduler():
     s = ds.sampling_schedule(comps.noise_scheduler, 10, "ddim")
     assert len(s) == 10 and int(s.timesteps[0]) == 901 and s.final_alpha_cumprod < 1.0
     assert scheduler_alphas_cumprod(comps.noise_scheduler).shape[0] == 1000
+
+
+def test_euler_ancestral_equals_diffusers_step_for_same_noise():
+    """SDXL-Turbo's sampler (Euler-ancestral, trailing spacing, 4 steps) is DDIM with η = 1 on its timesteps: the same
+    latents as diffusers' EulerAncestralDiscreteScheduler (which works on x/√ᾱ) for the same noise draws."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    cfg = {k: v for k, v in SD_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    sched = EulerAncestralDiscreteScheduler(**cfg, timestep_spacing="trailing")
+    s = ds.sampling_schedule(sched, 4, "euler_ancestral")
+    assert s.timesteps.tolist() == [999, 749, 499, 249]
+    assert s.prev_timesteps.tolist() == [749, 499, 249, -1]
+    trainable = s.trainable(sched.alphas_cumprod)
+    assert trainable.tolist() == [True, True, True, False]  # σ → 0 at the end: no noise, no density
+    ac = sched.alphas_cumprod
+    n, shape = 3, (4, 8, 8)
+    g = torch.Generator().manual_seed(7)
+    draws = torch.randn((5, n, *shape), generator=g)  # x_T, then the step noises diffusers draws in order
+    noise = draws.transpose(0, 1).contiguous()
+    traj = ds.sample_trajectories(toy_model, noise, s, ac, eta=1.0)
+    sched.set_timesteps(4)
+    x_sigma = draws[0] * sched.init_noise_sigma
+    g_diffusers = torch.Generator().manual_seed(7)
+    torch.randn((n, *shape), generator=g_diffusers)  # x_T was drawn first
+    for k, t in enumerate(sched.timesteps):
+        model_in = sched.scale_model_input(x_sigma, t)  # = x in the DDIM (variance-preserving) coordinates
+        torch.testing.assert_close(model_in, traj.latents[:, k], rtol=1e-4, atol=1e-4)
+        out = toy_model(model_in, t.round().long().expand(n))
+        x_sigma = sched.step(out, t, x_sigma, generator=g_diffusers).prev_sample
+    # the final sample (σ = 0, ᾱ = 1) in both coordinates
+    torch.testing.assert_close(traj.final, x_sigma, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_at_most_one_runs_the_conditional_model_alone():
+    """Distilled models sample with guidance 0, which diffusers' pipelines read as "no classifier-free guidance"."""
+    calls = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            calls.append(x.shape[0])
+            return type("O", (), {"sample": x * encoder_hidden_states.mean()})()
+
+    c = {"encoder_hidden_states": torch.full((2, 3, 4), 2.0)}
+    u = {"encoder_hidden_states": torch.zeros(2, 3, 4)}
+    x, t = torch.ones(2, 1, 2, 2), torch.tensor([5, 5])
+    for guidance in (0.0, 1.0):
+        torch.testing.assert_close(ds.guided_model(Net(), c, u, guidance, torch.float32)(x, t), 2 * x)
+    assert calls == [2, 2]  # one conditional batch each, never the unconditional rows

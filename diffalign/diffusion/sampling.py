@@ -16,6 +16,17 @@ in or on the number of processes.
 
 A step whose variance is zero (the last step when the schedule's final ᾱ is 1, as in DDPM) is taken
 deterministically; it has no density, its log-prob is recorded as 0 and ``Trajectory.trainable`` marks it ``False``.
+
+**Euler-ancestral is DDIM with η = 1.** Distilled few-step models (SDXL-Turbo, the sandbox's ``sandbox-4step``) sample
+with diffusers' ``EulerAncestralDiscreteScheduler``, which works on ``x_σ = x/√ᾱ`` with ``σ = √((1−ᾱ)/ᾱ)``. Its step
+``σ_t → σ_p``: ``x̂0 = x_σ − σ_t·ε̂``, ``σ_up² = σ_p²(σ_t² − σ_p²)/σ_t²``, ``σ_down² = σ_p² − σ_up²``, ``x_p = x̂0 +
+σ_down·ε̂ + σ_up·z``. Multiplying by ``√ᾱ_p``: the variance is ``ᾱ_p σ_up² = (1−ᾱ_p)/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_p)`` — DDIM's
+η = 1 variance — and the ε̂ coefficient ``√ᾱ_p σ_down = √(1 − ᾱ_p − ᾱ_p σ_up²)`` is DDIM's. So ``kind="euler_ancestral"``
+takes that scheduler's timesteps (its ``timestep_spacing``: SDXL-Turbo's "trailing" gives 999, 749, 499, 249 at 4
+steps), each step's predecessor the next of them and the clean end at ᾱ = 1 (σ = 0, a deterministic last step, which
+the official online PSO does not train either), and samples with η = 1; the tests check it against diffusers' own
+``EulerAncestralDiscreteScheduler.step`` for the same noise. Log-probs are of the same Gaussian in ``x`` rather than
+``x_σ`` coordinates: they differ by the constant ``log √ᾱ_p`` per element, which cancels in every log-ratio.
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ ModelFn = Callable[
 
 @dataclass
 class Schedule:
-    """Sampling timesteps ``[S]``, their predecessors ``[S]`` (``< 0``: the clean end) and the clean end's ᾱ."""
+    """Sampling timesteps ``[S]``, their predecessors ``[S]`` (``< 0``: the clean end), the clean end's ᾱ, and the
+    scale of the initial latent ``x_T = initial_scale · z`` (1, except Euler-ancestral with "trailing"/"linspace"
+    spacing, which starts at ``σ_max·z`` in its coordinates, i.e. ``√(1 − ᾱ_T)·z`` in ours)."""
 
     timesteps: torch.Tensor
     prev_timesteps: torch.Tensor
     final_alpha_cumprod: float
+    initial_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -55,7 +69,7 @@ class Schedule:
         return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) > 0
 
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "euler_ancestral")
 
 
 def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule:
@@ -65,8 +79,10 @@ def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule
     ``"ddpm"``: ``DDPMScheduler`` — predecessor from ``previous_timestep``, clean-end ᾱ = 1 (so the last step is
     deterministic). ``"ddim"``: ``DDIMScheduler`` — predecessor ``t − T/S``, clean end ``final_alpha_cumprod`` (1
     with ``set_alpha_to_one``, else ᾱ_0 as in the Stable Diffusion configs, which keeps the last step stochastic).
+    ``"euler_ancestral"``: ``EulerAncestralDiscreteScheduler``'s timesteps, predecessor the next of them, clean-end
+    ᾱ = 1; sample it with η = 1 (module docstring).
     """
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
 
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
@@ -76,6 +92,20 @@ def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule
         ts = sched.timesteps.long()
         prev = torch.tensor([int(sched.previous_timestep(t)) for t in ts], dtype=torch.long)
         return Schedule(ts, prev, 1.0)
+    if kind == "euler_ancestral":
+        sched = EulerAncestralDiscreteScheduler.from_config(scheduler.config)
+        sched.set_timesteps(num_steps)
+        ts = sched.timesteps.round().long()
+        if not torch.allclose(sched.timesteps.double(), ts.double()):
+            raise ValueError(
+                f"EulerAncestralDiscreteScheduler visits non-integer timesteps {sched.timesteps.tolist()} at "
+                f"{num_steps} steps (timestep_spacing {sched.config.timestep_spacing!r}); use 'trailing' or 'leading'"
+            )
+        prev = torch.cat([ts[1:], torch.tensor([-1], dtype=torch.long)])
+        sigma_max = float(sched.sigmas.max())
+        # diffusers starts at init_noise_sigma·z in x/√ᾱ coordinates: σ_max·z for these spacings, √(σ_max²+1)·z else
+        initial = float(sched.init_noise_sigma) / (sigma_max**2 + 1) ** 0.5
+        return Schedule(ts, prev, 1.0, initial)
     if kind != "ddim":
         raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
     sched = DDIMScheduler.from_config(scheduler.config)
@@ -159,7 +189,7 @@ def sample_trajectories(
             f"noise has {noise.shape[1]} draws per row; a {steps}-step schedule needs {steps + 1}"
         )
     trainable = schedule.trainable(alphas_cumprod.cpu())
-    x = noise[:, 0] * init_noise_sigma
+    x = noise[:, 0] * (init_noise_sigma * schedule.initial_scale)
     latents, logps = [x], []
     for k in range(steps):
         t = schedule.timesteps[k].to(device).expand(n)
@@ -233,10 +263,11 @@ def guided_model(
     """Classifier-free guidance ``out = u + g·(c − u)`` as one batched UNet call over ``[uncond; cond]`` rows.
 
     ``cond_kwargs`` / ``uncond_kwargs``: UNet keyword inputs for the ``N`` rows
-    (:meth:`~diffalign.models.conditioning.Conditioning.unet_kwargs`). ``guidance == 1`` (or no uncond) runs the
-    conditional model alone. The output is float32.
+    (:meth:`~diffalign.models.conditioning.Conditioning.unet_kwargs`). ``guidance <= 1`` (or no uncond) runs the
+    conditional model alone, as diffusers' pipelines do (``do_classifier_free_guidance`` is ``guidance_scale > 1``;
+    distilled models such as SDXL-Turbo sample with ``guidance_scale=0``). The output is float32.
     """
-    if guidance == 1.0 or uncond_kwargs is None:
+    if guidance <= 1.0 or uncond_kwargs is None:
 
         def plain(x, t):
             return unet(x.to(dtype), t, **cond_kwargs).sample.float()

@@ -32,6 +32,9 @@ OBJECTIVE_MODULES: dict[str, str] = {
     "dreambooth_prior": "diffalign.objectives.dreambooth",
     "rpo": "diffalign.objectives.rpo",
     "ppd": "diffalign.objectives.ppd",
+    "pso": "diffalign.objectives.pso",
+    "pso_hinge": "diffalign.objectives.pso",
+    "pso_online": "diffalign.objectives.pso",
 }
 
 INPUTS = ("pair_errors", "winner_errors", "trajectory_logprobs")
@@ -41,6 +44,7 @@ NOISINGS = ("gaussian", "ddim_inversion")
 ERROR_SPACES = ("target", "x0")
 SUBJECT_PAIRS = ("context", "class")
 CONDITIONINGS = ("text", "user")
+LOSER_SOURCES = ("data", "model_samples")
 
 
 @dataclass
@@ -84,6 +88,9 @@ class ObjectiveSpec:
     # what the trained model is conditioned on besides the text: "user" adds user tokens from k other pairs of the
     # pair's user through a decoupled cross-attention (PPD: diffalign/training/user_conditioning.py)
     conditioning: str = "text"
+    # where slot 1 of a pair comes from: "data" (the loser of the pair), or "model_samples" — a sample of the current
+    # model for the pair's caption, redrawn every few steps (PSO: diffalign/training/model_samples.py)
+    loser_source: str = "data"
 
     def __post_init__(self) -> None:
         for field, value, valid in (
@@ -94,6 +101,7 @@ class ObjectiveSpec:
             ("error_space", self.error_space, ERROR_SPACES),
             ("subject_pairs", self.subject_pairs, (None, *SUBJECT_PAIRS)),
             ("conditioning", self.conditioning, CONDITIONINGS),
+            ("loser_source", self.loser_source, LOSER_SOURCES),
         ):
             if value not in valid:
                 raise ValueError(f"ObjectiveSpec {self.name!r}: {field}={value!r}; valid: {list(valid)}")

@@ -90,6 +90,16 @@ class OfflinePairsTrainer:
         )
         self.step_fn.latent_store = self.data.latent_store
         self.step_fn.user_conditioning = self.user_conditioning
+        self.model_samples = None
+        if self.spec.loser_source == "model_samples":  # PSO: slot 1 is the current model's own sample
+            from .model_samples import ModelSamples
+
+            self.model_samples = ModelSamples(
+                comps, cfg.params, seed=cfg.seed, resolution=cfg.resolution, weight_dtype=run.weight_dtype,
+                device=acc.device, empty_text=self.step_fn.empty_text, autocast=acc.autocast,
+            )  # fmt: skip
+            acc.register_for_checkpointing(self.model_samples)  # before the resume below loads it
+            self.step_fn.model_samples = self.model_samples
         self.step_fn.reference_errors = reference_cache.build_for_run(
             cfg, run, self.data, self.spec, self.step_fn
         )
@@ -131,7 +141,7 @@ class OfflinePairsTrainer:
                     f"objective        {spec.name}: {spec.description} ({params})",
                     f"step             timesteps {spec.timesteps}, noising {spec.noising}, errors in {spec.error_space} "
                     f"space, reference {'yes' if spec.needs_reference else 'no'}, "
-                    f"{'winner and loser' if spec.uses_losers else 'winners only'}",
+                    f"{self._slots()}",
                     f"fine-tuning      {cfg.finetune}: {self.num_trainable:,} trainable parameters; attention {self.run.attention}",
                     f"reference cache  {self._reference_cache_line()}",
                     f"data             {n:,} usable pairs ({self._data_mode()})",
@@ -147,6 +157,15 @@ class OfflinePairsTrainer:
             )
         )
 
+    def _slots(self) -> str:
+        if not self.spec.uses_losers:
+            return "winners only"
+        if self.model_samples is not None:
+            p = self.cfg.params
+            return (f"winners against the model's own samples ({p.model_sample_sampler}, {p.model_sample_steps} "
+                    f"steps, guidance {p.model_sample_guidance})")  # fmt: skip
+        return "winner and loser"
+
     def _data_mode(self) -> str:
         if self.data.latent_store is not None:
             return f"latent cache filled as training goes: {len(self.data.latent_store):,} pairs stored"
@@ -159,12 +178,17 @@ class OfflinePairsTrainer:
                 return "not needed (no reference)"
             if not self.cfg.reference_cache:
                 return "off (reference_cache false)"
-            return "not applicable (the noised input depends on the trained model, or the data is streamed)"
+            return (
+                "not applicable (the noised input or the slot-1 images depend on the trained model, or the data is "
+                "streamed)"
+            )
         return f"{stored.stored_entries:,} stored reference errors in {stored.directory} (filled as training goes)"
 
     # ---- one step (kept as a method: tests and benchmarks call it) ---------------------------------------------------
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair loss ``[B]`` and metrics for one micro-batch."""
+        if self.model_samples is not None:
+            self.model_samples.step = self.global_step
         return self.step_fn(batch, int(batch.get("epoch", self.epoch)))
 
     # ---- loop ------------------------------------------------------------------------------------------------------
@@ -258,6 +282,8 @@ class OfflinePairsTrainer:
         self.data.report(acc)
         for store in self._stores():
             acc.print(store.describe())
+        if self.model_samples is not None:
+            acc.print(self.model_samples.describe())
         if self.skipped_nonfinite:
             acc.print(f"{self.skipped_nonfinite} micro-batches had a non-finite loss and were skipped")
         return {"steps": self.global_step, "train_seconds": time.time() - t0, "history": history,

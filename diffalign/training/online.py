@@ -137,7 +137,7 @@ class OnlineTrainer:
 
         self.alphas_cumprod = dn.scheduler_alphas_cumprod(comps.noise_scheduler).to(acc.device)
         self.schedule = ds.sampling_schedule(comps.noise_scheduler, cfg.sample_steps, cfg.sampler)
-        self.eta = 1.0 if cfg.sampler == "ddpm" else cfg.sample_eta  # DDPM's variance is DDIM's with eta 1
+        self.eta = 1.0 if cfg.sampler in ("ddpm", "euler_ancestral") else cfg.sample_eta  # their variance: DDIM's η 1
         self.trainable_steps = torch.nonzero(self.schedule.trainable(self.alphas_cumprod.cpu())).flatten()
         self.steps_trained = max(1, round(cfg.timestep_fraction * len(self.trainable_steps)))
         self.empty_text = self._unconditional_text()
@@ -198,7 +198,7 @@ class OnlineTrainer:
         n = next(iter(text.values())).shape[0]
         dtype = self.run.weight_dtype
         cond = mc.text_conditioning(self.comps, text, self.cfg.resolution).unet_kwargs(dtype)
-        if self.cfg.sample_guidance == 1.0:
+        if self.cfg.sample_guidance <= 1.0:  # no classifier-free guidance, as in diffusers' pipelines
             return cond, None
         empty = {k: v.expand(n, *v.shape[1:]) for k, v in self.empty_text.items()}
         uncond = mc.text_conditioning(self.comps, empty, self.cfg.resolution).unet_kwargs(dtype)

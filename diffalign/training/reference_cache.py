@@ -170,12 +170,15 @@ def tensor_digest(x: torch.Tensor) -> str:
 
 def build_for_run(cfg, run, data, spec, step) -> ReferenceErrorCache | None:
     """The cache for an offline-pairs run, or ``None`` when it does not apply: switched off, no reference, a
-    noising that depends on the trained model, or streamed data (rows are positions in a stream)."""
+    noising that depends on the trained model, slot-1 images the trained model draws (PSO), or streamed data (rows
+    are positions in a stream)."""
     from ..data.cache import model_fingerprint
     from ..diffusion.parts import reference_error_inputs
     from .cached import default_cache_root, encoder_id
 
     if not getattr(cfg, "reference_cache", False) or not spec.needs_reference or cfg.streaming:
+        return None
+    if spec.loser_source != "data":  # the reference's errors on the model's own samples change with the model
         return None
     step_inputs = reference_error_inputs(spec, cfg.params)
     if step_inputs is None:

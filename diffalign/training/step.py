@@ -9,7 +9,9 @@
 
 Winners and losers are stacked ``[w_0..w_{B-1}, l_0..l_{B-1}]`` and share ``t`` and ``ε`` (Diffusion-DPO), unless
 the spec says ``shared_noise=False`` (each image its own draw). Data with a ``caption_1`` column gives the slot-1 images
-their own prompts (subject-driven tuning: reference images and generated images in one batch).
+their own prompts (subject-driven tuning: reference images and generated images in one batch). A spec with
+``loser_source="model_samples"`` (PSO) replaces the slot-1 latents by the current model's own samples for the caption
+(:mod:`diffalign.training.model_samples`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class PairStep:
     channels_last: bool = False
     # per-run results a noising part keeps per image (NoisingContext.state): e.g. the reference's inversion grids
     noising_state: dict = field(default_factory=dict)
+    # spec.loser_source "model_samples" (PSO): ModelSamples, whose samples of the current model replace slot 1
+    model_samples: Any = None
 
     def _unet_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight_dtype)
@@ -94,6 +98,12 @@ class PairStep:
             text_1 = (
                 mp.encode_prompts(self.comps, list(batch["captions_1"])) if "captions_1" in batch else None
             )
+        if self.model_samples is not None:  # slot 1: the current model's own sample for the (slot-1) caption
+            with record_function("diffalign/model_samples"):
+                own = self.model_samples.latents(
+                    self.unet, batch["index"], text if text_1 is None else text_1, tuple(latents.shape[2:])
+                )
+            latents = torch.stack([latents[:, 0], own], dim=1)
         k = 2 if self.spec.uses_losers else 1  # SFT: winners only, half the UNet work
         x0 = torch.cat([latents[:, i] for i in range(k)], dim=0)  # [kB, C, h, w]
 
