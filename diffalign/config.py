@@ -353,7 +353,8 @@ class OnlineConfig(CommonConfig):
     sampler: str = _help(
         "training sampler: 'ddim' (DDIM with sample_eta > 0 on the model's schedule), 'ddpm' (ancestral; its last "
         "step is deterministic and not trained) or 'euler_ancestral' (distilled few-step models: the scheduler's own "
-        "timesteps, e.g. 999/749/499/249 with trailing spacing; equal to DDIM with eta 1; last step not trained)",
+        "timesteps, e.g. 999/749/499/249 with trailing spacing; equal to DDIM with eta 1; last step not trained) or "
+        "'lcm' (LCM / DMD2: x0 re-noised each step, DDIM with a per-step eta; last step not trained)",
         "ddim",
     )
     sample_eta: float = _help("DDIM eta of the training sampler (> 0; 1 = DDPM's ancestral variance)", 1.0)
@@ -386,7 +387,7 @@ class OnlineConfig(CommonConfig):
                      "sample_steps", "sample_batch_size", "track_prompts"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
-        _check_choice("sampler", self.sampler, ("ddim", "ddpm", "euler_ancestral"))
+        _check_choice("sampler", self.sampler, ("ddim", "ddpm", "euler_ancestral", "lcm"))
         if self.track_every < 0:
             raise ConfigError(
                 f"config field track_every must be >= 0 (0 disables it), got {self.track_every}"

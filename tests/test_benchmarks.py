@@ -108,6 +108,11 @@ def test_hps_json_category_is_file_stem(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"prompts": []}))
     with pytest.raises(ValueError, match="JSON list of prompt strings"):
         read_hps_json(tmp_path / "bad.json")
+    # the online PSO / D3PO prompt lists: objects with a caption
+    (tmp_path / "pso").mkdir()
+    pso = tmp_path / "pso" / "4k_training_prompts.json"
+    pso.write_text(json.dumps([{"caption": "a cat driving a nuke", "trainset_idx": 215221}, {"caption": "a fox"}]))
+    assert read_hps_json(pso).prompts == ["a cat driving a nuke", "a fox"]
 
 
 def test_pickapic_split_prompts_unique_in_order(tmp_path):

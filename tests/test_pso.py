@@ -208,3 +208,25 @@ def test_pso_on_sdxl_conditioning(tmp_path):
     out = tmp_path / "out"
     run_script(_args(model, data, out, "pso", "--max_train_steps", "2"), timeout=600)
     assert all(math.isfinite(x) for x in losses(out))
+
+
+def test_online_pso_runs_on_sdxl_conditioning_with_the_lcm_sampler(tmp_path):
+    """The online form on the online loop: SDXL conditioning, LCM's few-step sampler (DMD2's), β and ε as given."""
+    import json
+
+    from cli_helpers import REPO
+
+    model = build_tiny_sdxl(tmp_path / "sdxl")
+    out = tmp_path / "out"
+    args = ["--pretrained_model", str(model), "--resolution", "16", "--objective", "pso_online", "--beta", "50",
+            "--clip_range", "0.1", "--output_dir", str(out), "--num_epochs", "2", "--prompts_per_epoch", "4",
+            "--images_per_prompt", "2", "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--sample_steps", "4",
+            "--sampler", "lcm",
+            "--sample_guidance", "0", "--timestep_fraction", "1", "--checkpointing_steps", "0",
+            "--validation_steps", "0", "--track_every", "0", "--skip_eval", "true", "--report_to", "none",
+            "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]  # fmt: skip
+    proc = run_script(args, timeout=600, script=REPO / "scripts" / "train_online.py")
+    assert "3 of 3 steps per trajectory" in proc.stdout and "beta 50.0, clip_range 0.1" in proc.stdout
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # untrained LoRA: every ratio is 1

@@ -199,3 +199,32 @@ def test_guidance_at_most_one_runs_the_conditional_model_alone():
     for guidance in (0.0, 1.0):
         torch.testing.assert_close(ds.guided_model(Net(), c, u, guidance, torch.float32)(x, t), 2 * x)
     assert calls == [2, 2]  # one conditional batch each, never the unconditional rows
+
+
+def test_lcm_multistep_equals_diffusers_step_for_same_noise_and_rescores():
+    """LCM / DMD2 sampling (x̂0, then re-noised with fresh noise) is DDIM with a per-step η: the same latents as
+    diffusers' LCMScheduler for the same draws, and re-scoring the stored steps reproduces their log-probs."""
+    from diffusers import LCMScheduler
+
+    cfg = {k: v for k, v in SD_CONFIG.items() if k not in ("clip_sample",)}
+    sched = LCMScheduler(**cfg)
+    s = ds.sampling_schedule(sched, 4, "lcm")
+    sched.set_timesteps(4)
+    assert s.timesteps.tolist() == sched.timesteps.tolist()
+    assert s.trainable(sched.alphas_cumprod).tolist() == [True, True, True, False]
+    ac = sched.alphas_cumprod
+    n, shape = 2, (4, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    draws = torch.randn((5, n, *shape), generator=g)
+    traj = ds.sample_trajectories(toy_model, draws.transpose(0, 1).contiguous(), s, ac, eta=1.0)
+    x = draws[0] * sched.init_noise_sigma
+    g_d = torch.Generator().manual_seed(3)
+    torch.randn((n, *shape), generator=g_d)
+    for k, t in enumerate(sched.timesteps):
+        out = toy_model(x, t.expand(n))
+        step = sched.step(out, t, x, generator=g_d)
+        x = step.prev_sample if k < 3 else step.denoised
+        torch.testing.assert_close(traj.latents[:, k + 1], x, rtol=1e-4, atol=1e-5)
+    steps = torch.tensor([[0, 1, 2]] * n)
+    again = ds.transition_log_probs(toy_model, traj.latents, s, steps, ac, eta=1.0)
+    torch.testing.assert_close(again, traj.log_probs[:, :3], rtol=1e-5, atol=1e-5)

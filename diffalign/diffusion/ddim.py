@@ -59,6 +59,13 @@ def predict_x0_and_eps(
     raise ValueError(f"Unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}.")
 
 
+def eps_coefficient(a_prev: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """DDIM's ``√(1 − ᾱ_prev − σ²)``, with a residue below 1e-6·(1 − ᾱ_prev) taken as 0: LCM's re-noising sets σ² to
+    1 − ᾱ_prev, where float32 rounding would leave ~1e-7, whose square root (3e-4) is no longer negligible."""
+    c2 = 1 - a_prev - std**2
+    return torch.where(c2 > 1e-6 * (1 - a_prev), c2, torch.zeros_like(c2)).sqrt()
+
+
 def ddim_step_with_logprob(
     model_output: torch.Tensor,
     t: torch.Tensor | int,
@@ -80,7 +87,8 @@ def ddim_step_with_logprob(
         t, t_prev: current and previous timestep, ``int`` or ``LongTensor[N]`` (``t_prev < 0``: clean end).
         x_t: ``[N, C, H, W]``.
         alphas_cumprod: ``[T]``.
-        eta: η > 0 (σ = 0 has no density). η = 1 gives the DDPM posterior variance.
+        eta: η > 0 (σ = 0 has no density). η = 1 gives the DDPM posterior variance. A tensor broadcasting against
+            ``x_t`` (``[N, 1, 1, 1]``) gives each row its own η (LCM's re-noising, :mod:`.sampling`).
         prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         final_alpha_cumprod: ``a`` used for ``t_prev < 0`` (see the module docstring).
         prev_sample: if given, score this ``x_prev`` instead of sampling one (re-evaluating a stored trajectory
@@ -95,7 +103,7 @@ def ddim_step_with_logprob(
         through ``model_output`` (the mean); a sampled ``prev_sample`` is detached from it (a Gaussian sample, not a
         reparametrised one).
     """
-    if not eta > 0:
+    if not bool(torch.as_tensor(eta).gt(0).all()):
         raise ValueError(f"ddim_step_with_logprob needs eta > 0 for a density (got eta={eta}).")
     if reduction not in LOGPROB_REDUCTIONS:
         raise ValueError(f"Unknown reduction {reduction!r}; valid: {', '.join(LOGPROB_REDUCTIONS)}.")
@@ -110,7 +118,7 @@ def ddim_step_with_logprob(
             "ddim_step_with_logprob: the step has zero variance (t_prev < 0 with final_alpha_cumprod = 1, or "
             "t_prev >= t), so its log-probability is undefined; take the last step deterministically instead."
         )
-    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps_hat
+    mean = a_prev.sqrt() * x0_hat + eps_coefficient(a_prev, std) * eps_hat
 
     if prev_sample is None:
         draw_device = generator.device if generator is not None else x_t.device

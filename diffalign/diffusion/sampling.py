@@ -27,6 +27,13 @@ steps), each step's predecessor the next of them and the clean end at ᾱ = 1 (�
 the official online PSO does not train either), and samples with η = 1; the tests check it against diffusers' own
 ``EulerAncestralDiscreteScheduler.step`` for the same noise. Log-probs are of the same Gaussian in ``x`` rather than
 ``x_σ`` coordinates: they differ by the constant ``log √ᾱ_p`` per element, which cancels in every log-ratio.
+
+**LCM's multistep sampling is DDIM with a per-step η.** ``LCMScheduler`` (LCM, DMD2) predicts ``x̂0`` and re-noises it
+with fresh noise: ``x_p = √ᾱ_p·x̂0 + √(1−ᾱ_p)·z``, a Gaussian whose ε̂ coefficient is 0, i.e. DDIM with
+``η_k² = (1−ᾱ_t)/(1 − ᾱ_t/ᾱ_p)`` (> 1) at step ``k``; ``kind="lcm"`` takes that scheduler's timesteps and these η
+(``Schedule.eta_scale``), and its last step returns ``x̂0`` (deterministic, untrained). LCM's boundary condition
+(``c_skip``, ``c_out``) differs from ``(0, 1)`` by < 1e-7 at the timesteps it visits (t ≥ 20 at 50 original steps) and
+is left out; the tests check the steps against ``LCMScheduler.step``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ddim import _alpha, ddim_step_with_logprob, predict_x0_and_eps
+from .ddim import _alpha, ddim_step_with_logprob, eps_coefficient, predict_x0_and_eps
 
 ModelFn = Callable[
     [torch.Tensor, torch.Tensor], torch.Tensor
@@ -53,6 +60,16 @@ class Schedule:
     prev_timesteps: torch.Tensor
     final_alpha_cumprod: float
     initial_scale: float = 1.0
+    # per-step factor on the sampler's η (LCM: the η that makes DDIM's step its re-noising); None = 1 everywhere
+    eta_scale: torch.Tensor | None = None
+
+    def step_eta(self, eta: float, k: torch.Tensor | int) -> torch.Tensor | float:
+        """η of step(s) ``k``: a float for one step, ``[N, 1, 1, 1]`` for a ``LongTensor[N]`` of steps."""
+        if self.eta_scale is None:
+            return eta
+        if isinstance(k, int):
+            return eta * float(self.eta_scale[k])
+        return (eta * self.eta_scale.float()[k.cpu()]).reshape(-1, 1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -69,7 +86,7 @@ class Schedule:
         return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) > 0
 
 
-SAMPLERS = ("ddim", "ddpm", "euler_ancestral")
+SAMPLERS = ("ddim", "ddpm", "euler_ancestral", "lcm")
 
 
 def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule:
@@ -80,9 +97,10 @@ def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule
     deterministic). ``"ddim"``: ``DDIMScheduler`` — predecessor ``t − T/S``, clean end ``final_alpha_cumprod`` (1
     with ``set_alpha_to_one``, else ᾱ_0 as in the Stable Diffusion configs, which keeps the last step stochastic).
     ``"euler_ancestral"``: ``EulerAncestralDiscreteScheduler``'s timesteps, predecessor the next of them, clean-end
-    ᾱ = 1; sample it with η = 1 (module docstring).
+    ᾱ = 1; sample it with η = 1 (module docstring). ``"lcm"``: ``LCMScheduler``'s timesteps, the same predecessors,
+    and the per-step η of its re-noising (module docstring).
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
 
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
@@ -106,6 +124,16 @@ def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule
         # diffusers starts at init_noise_sigma·z in x/√ᾱ coordinates: σ_max·z for these spacings, √(σ_max²+1)·z else
         initial = float(sched.init_noise_sigma) / (sigma_max**2 + 1) ** 0.5
         return Schedule(ts, prev, 1.0, initial)
+    if kind == "lcm":
+        sched = LCMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(num_steps)
+        ts = sched.timesteps.long()
+        prev = torch.cat([ts[1:], torch.tensor([-1], dtype=torch.long)])
+        ac = sched.alphas_cumprod.double()
+        a_t = ac[ts]
+        a_p = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
+        scale = torch.where(prev >= 0, ((1 - a_t) / (1 - a_t / a_p).clamp(min=1e-30)).sqrt(), torch.ones_like(a_t))
+        return Schedule(ts, prev, 1.0, 1.0, scale)
     if kind != "ddim":
         raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
     sched = DDIMScheduler.from_config(scheduler.config)
@@ -157,7 +185,7 @@ def _step_mean_std(
     a_prev = _alpha(alphas_cumprod, t_prev, final_alpha_cumprod, x_t)
     x0_hat, eps_hat = predict_x0_and_eps(out, x_t, a_t, prediction_type)
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps_hat
+    mean = a_prev.sqrt() * x0_hat + eps_coefficient(a_prev, torch.as_tensor(std)) * eps_hat
     return mean, std
 
 
@@ -172,7 +200,8 @@ def sample_trajectories(
     prediction_type: str = "epsilon",
     init_noise_sigma: float = 1.0,
 ) -> Trajectory:
-    """Run ``S = len(schedule)`` stochastic steps from ``x_T = init_noise_sigma · noise[:, 0]`` and record them.
+    """Run ``S = len(schedule)`` stochastic steps from ``x_T = init_noise_sigma · initial_scale · noise[:, 0]``
+    and record them.
 
     Args:
         model_fn: the (guided) denoiser, ``(x, t [N]) -> output`` — see :func:`guided_model`.
@@ -195,15 +224,16 @@ def sample_trajectories(
         t = schedule.timesteps[k].to(device).expand(n)
         t_prev = schedule.prev_timesteps[k].to(device).expand(n)
         out = model_fn(x, t)
+        eta_k = schedule.step_eta(eta, k)
         if bool(trainable[k]):
-            prev = _noisy_prev(out, x, t, t_prev, alphas_cumprod, eta, prediction_type,
+            prev = _noisy_prev(out, x, t, t_prev, alphas_cumprod, eta_k, prediction_type,
                                schedule.final_alpha_cumprod, noise[:, k + 1])  # fmt: skip
             x, lp = ddim_step_with_logprob(
-                out, t, t_prev, x, alphas_cumprod, eta=eta, prediction_type=prediction_type,
+                out, t, t_prev, x, alphas_cumprod, eta=eta_k, prediction_type=prediction_type,
                 final_alpha_cumprod=schedule.final_alpha_cumprod, prev_sample=prev,
             )  # fmt: skip
         else:
-            mean, _ = _step_mean_std(out, x, t, t_prev, alphas_cumprod, eta, prediction_type,
+            mean, _ = _step_mean_std(out, x, t, t_prev, alphas_cumprod, eta_k, prediction_type,
                                      schedule.final_alpha_cumprod)  # fmt: skip
             x, lp = mean, torch.zeros(n, device=device)
         latents.append(x.float())
@@ -245,8 +275,11 @@ def transition_log_probs(
         t = schedule.timesteps.to(device)[k.to(device)]
         t_prev = schedule.prev_timesteps.to(device)[k.to(device)]
         pred = model_fn(x_t, t)
+        eta_k = schedule.step_eta(eta, k)
+        if torch.is_tensor(eta_k):
+            eta_k = eta_k.to(device)
         _, lp = ddim_step_with_logprob(
-            pred, t, t_prev, x_t, alphas_cumprod, eta=eta, prediction_type=prediction_type,
+            pred, t, t_prev, x_t, alphas_cumprod, eta=eta_k, prediction_type=prediction_type,
             final_alpha_cumprod=schedule.final_alpha_cumprod, prev_sample=x_prev,
         )  # fmt: skip
         out.append(lp)

@@ -152,7 +152,8 @@ def read_parti_tsv(path: str | Path) -> PromptSet:
 
 
 def read_hps_json(paths: str | Path | list[str | Path]) -> PromptSet:
-    """HPSv2-style prompt files: each a JSON list of strings; the category is the file stem.
+    """HPSv2-style prompt files: each a JSON list of strings; the category is the file stem. A list of objects with a
+    ``"caption"`` key (the prompt lists of the online PSO / D3PO code, e.g. ``4k_training_prompts.json``) is read too.
 
     ``paths`` is one file, a directory (all ``*.json`` in it, sorted), or a list of files.
     """
@@ -170,9 +171,13 @@ def read_hps_json(paths: str | Path | list[str | Path]) -> PromptSet:
         if not f.is_file():
             raise FileNotFoundError(f"HPS prompt file {f} not found")
         data = json.loads(f.read_text(encoding="utf-8"))
+        if isinstance(data, list) and data and all(isinstance(x, dict) and isinstance(x.get("caption"), str)
+                                                   for x in data):  # fmt: skip
+            data = [x["caption"] for x in data]
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ValueError(
-                f"{f}: expected a JSON list of prompt strings (HPSv2 benchmark format), got {type(data).__name__}"
+                f"{f}: expected a JSON list of prompt strings (HPSv2 benchmark format) or of objects with a "
+                f"'caption', got {type(data).__name__}"
                 + (" with non-string items" if isinstance(data, list) else "")
             )
         rows += [(x, f.stem, {}) for x in data]

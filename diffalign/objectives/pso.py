@@ -174,7 +174,7 @@ class PSOParams:
     )
     model_sample_sampler: str = field(
         default="euler_ancestral",
-        metadata={"help": "sampler of those samples: euler_ancestral (distilled models), ddim or ddpm (η 1)"},
+        metadata={"help": "sampler of those samples: euler_ancestral (SDXL-Turbo), lcm (LCM, DMD2), ddim or ddpm (η 1)"},
     )
     model_sample_refresh: int = field(
         default=0,
@@ -200,9 +200,10 @@ class PSOParams:
                 "config fields model_sample_steps must be >= 1 and model_sample_refresh >= 0, got "
                 f"{self.model_sample_steps} and {self.model_sample_refresh}"
             )
-        if self.model_sample_sampler not in ("euler_ancestral", "ddim", "ddpm"):
+        if self.model_sample_sampler not in ("euler_ancestral", "lcm", "ddim", "ddpm"):
             raise ConfigError(
-                f"config field model_sample_sampler must be euler_ancestral, ddim or ddpm, got {self.model_sample_sampler!r}"
+                "config field model_sample_sampler must be euler_ancestral, lcm, ddim or ddpm, got "
+                f"{self.model_sample_sampler!r}"
             )
         self.timestep_grid = [int(t) for t in self.timestep_grid]
 

@@ -137,7 +137,8 @@ class OnlineTrainer:
 
         self.alphas_cumprod = dn.scheduler_alphas_cumprod(comps.noise_scheduler).to(acc.device)
         self.schedule = ds.sampling_schedule(comps.noise_scheduler, cfg.sample_steps, cfg.sampler)
-        self.eta = 1.0 if cfg.sampler in ("ddpm", "euler_ancestral") else cfg.sample_eta  # their variance: DDIM's η 1
+        # DDPM and Euler-ancestral are DDIM with η 1; LCM's per-step η is in the schedule
+        self.eta = 1.0 if cfg.sampler in ("ddpm", "euler_ancestral", "lcm") else cfg.sample_eta
         self.trainable_steps = torch.nonzero(self.schedule.trainable(self.alphas_cumprod.cpu())).flatten()
         self.steps_trained = max(1, round(cfg.timestep_fraction * len(self.trainable_steps)))
         self.empty_text = self._unconditional_text()
