@@ -197,9 +197,13 @@ def test_fidelity_drops_with_noise_and_smear():
     assert clean.mean() >= 0.95
     noisy = np.stack([render(s.replace(noise=0.06)) for s in scenes])
     smeared = np.stack([render(s.replace(smear=1)) for s in scenes])
-    for defect in (noisy, smeared):
-        fid = JUDGE.score(defect, captions)["fidelity"]
-        assert (fid < clean).all() and fid.max() <= 0.5
+    fid = JUDGE.score(noisy, captions)["fidelity"]
+    assert (fid < clean).all() and fid.max() <= 0.5
+    # Graded fidelity (judge.py): the world's 3x3 smear is about as soft as the sandbox VAE's own edges (edge
+    # sharpness 0.40 vs 0.45), so it scores like a VAE reconstruction (~0.85), no longer ~0.02 (blur on generated
+    # images: tests/test_judge_fidelity.py); it still costs fidelity against the clean render.
+    fid = JUDGE.score(smeared, captions)["fidelity"]
+    assert (fid < clean).all() and fid.mean() <= clean.mean() - 0.1
     an = analyze(noisy[0])
     assert an.noise == pytest.approx(0.06, abs=0.015)  # the noise estimate is in [0, 1] intensity units
 

@@ -381,9 +381,12 @@ def test_judge_unchanged_on_one_colour_scenes():
     pinned = {
         "prompt_following": [0.993289, 0.995605, 0.993093, 0.972723, 0.99518, 0.991132],
         "aesthetic": [0.895, 0.861273, 0.513502, 0.742298, 0.888241, 1.0],
-        "fidelity": [1.0, 1.0, 0.999984, 0.02085, 0.017137, 1.0],
+        # fidelity (and through it overall) re-pinned for the graded fidelity (judge.py, "Graded fidelity"): the
+        # smear factor became an edge-sharpness factor; the smeared cross (4) went 0.017137 -> 0.893508 (a 3x3 box
+        # blur is as sharp as the sandbox VAE's edges), the noisy diamond (3) 0.02085 -> 0.023911, the others ~1.
+        "fidelity": [1.0, 0.999999, 1.0, 0.023911, 0.893508, 1.0],
         "harmlessness": [1.0, 0.99999, 1.0, 0.999527, 0.033901, 1.0],
-        "overall": [0.975309, 0.969831, 0.898898, 0.688442, 0.236091, 0.995123],
+        "overall": [0.975309, 0.96983, 0.898901, 0.689207, 0.307018, 0.995123],
     }
     for key, values in pinned.items():
         np.testing.assert_allclose(scores[key], values, atol=2e-6, err_msg=key)
