@@ -57,7 +57,7 @@ from .registry import ObjectiveSpec
 torch = lazy_module("torch")
 F = lazy_module("torch.nn.functional")
 
-PSO_METRICS = ("logits", "target_err", "sample_err", "implicit_acc", "prior")
+PSO_METRICS = ("reward_margin", "target_err", "sample_err", "implicit_acc", "prior")
 PSO_ONLINE_METRICS = ("pairs", "clip_frac", "margin", "log_ratio")
 DISTILLED_GRID = [249, 499, 749, 999]  # SDXL-Turbo's (and sandbox-4step's) four sampling timesteps
 
@@ -70,7 +70,7 @@ def _check_same_shape(name: str, *tensors) -> None:
 
 def _pso_metrics(logits, model_w, model_l, prior):
     return {
-        "logits": logits.detach(),
+        "reward_margin": logits.detach(),  # the logits (named as DPO's margin: held-out accuracy reads it)
         "target_err": model_w.detach(),
         "sample_err": model_l.detach(),
         "implicit_acc": (logits.detach() > 0).float(),

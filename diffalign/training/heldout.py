@@ -1,7 +1,7 @@
 """Held-out implicit accuracy: does the trained model prefer the held-out winners more than the reference does?
 
 For each held-out pair, the objective's reward margin (Diffusion-DPO: ``inside = −½β·Δ``, positive when the policy
-moved towards the winner relative to the reference) is averaged over ``draws`` (timestep, noise) draws, keyed by
+moved towards the winner relative to the reference; PSO: its logits, against the current model's own samples) is averaged over ``draws`` (timestep, noise) draws, keyed by
 (``seed``, draw, pair) exactly like training's randomness but with a seed training never used. The implicit
 accuracy is the share of pairs with a positive mean margin. An untrained LoRA gives margin 0 on every pair (policy ==
 reference); a model that moved without learning the preference direction is right on about half of the pairs, so
@@ -25,6 +25,8 @@ def heldout_implicit_accuracy(
     """``{"accuracy", "n", "mean_margin", "chance_bound_3sd"}`` over the decided pairs of ``splits`` (ties dropped)
     of the trainer's dataset. ``trainer``: a set-up :class:`~diffalign.training.offline.OfflinePairsTrainer`."""
     step = replace(trainer.step_fn, seed=seed)
+    if step.model_samples is not None:  # PSO: the held-out pairs get their own samples of the current model
+        step = replace(step, model_samples=step.model_samples.fresh(seed))
     was_training = trainer.unet.training
     trainer.unet.eval()
     margins: list[torch.Tensor] = []

@@ -16,6 +16,7 @@ rest at the same steps with the same model: resume stays exact.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -46,6 +47,13 @@ class ModelSamples:
         self.step = 0  # the trainer's global step, set before every micro-batch
         self.store: dict[int, tuple[int, torch.Tensor]] = {}  # pair index -> (round, latent [C, h, w] on CPU)
         self.drawn = 0  # samples drawn by this process (for the run's summary)
+
+    def fresh(self, seed: int) -> ModelSamples:
+        """An empty store with the same settings and another seed (for pairs of another split, whose indices would
+        collide with the training pairs')."""
+        out = copy.copy(self)
+        out.seed, out.store, out.drawn = int(seed), {}, 0
+        return out
 
     def current_round(self) -> int:
         return self.step // self.refresh if self.refresh else 0
