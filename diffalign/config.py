@@ -31,6 +31,8 @@ from .errors import ConfigError
 
 #: dataset names diffalign.data.sources.resolve_dataset maps to a directory (not a path, not a hub id)
 NAMED_DATASETS = ("sandbox", "sandbox-ppd")
+#: model names diffalign.models.pipeline.resolve_model_path maps to a pipeline directory (the base; the distilled model)
+NAMED_MODELS = ("sandbox", "sandbox-4step")
 
 #: diffusers' learning-rate schedules (diffusers.optimization.SchedulerType; a test keeps this list in sync).
 LR_SCHEDULERS = (
@@ -217,7 +219,7 @@ class CommonConfig:
             raise ConfigError(f"config field output_dir={self.output_dir!r} is a file: give a directory")
         for name in ("pretrained_model", "dataset"):
             value = getattr(self, name)
-            named = ("sandbox",) if name == "pretrained_model" else NAMED_DATASETS
+            named = NAMED_MODELS if name == "pretrained_model" else NAMED_DATASETS
             if value not in named and not Path(os.path.expanduser(value)).exists() and _looks_local(value):
                 raise ConfigError(
                     f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); "
