@@ -19,7 +19,17 @@ from ..sandbox import SANDBOX_PIPELINE
 
 
 def resolve_model_path(name: str) -> str:
-    """``"sandbox"`` -> the shipped sandbox pipeline directory; anything else is returned unchanged."""
+    """``"sandbox"`` -> the shipped sandbox pipeline directory; ``"sandbox-4step"`` -> a pipeline directory of the
+    distilled 4-step sandbox model (Euler-ancestral, no guidance), assembled once under the cache root
+    (:func:`diffalign.data.ppd.cache_root`: ``$DIFFALIGN_CACHE``, else ``$XDG_CACHE_HOME/diffalign``, else
+    ``~/.cache/diffalign``) from links to the shipped parts
+    (:func:`diffalign.sandbox.distill.materialise_pipeline`); anything else is returned unchanged."""
+    if name == "sandbox-4step":
+        from ..data.ppd import cache_root
+        from ..sandbox import SANDBOX_DISTILLED
+        from ..sandbox.distill import materialise_pipeline
+
+        return str(materialise_pipeline(cache_root(), SANDBOX_DISTILLED, Path(resolve_model_path("sandbox"))))
     if name == "sandbox":
         if not (SANDBOX_PIPELINE / "model_index.json").is_file():
             raise FileNotFoundError(

@@ -4,6 +4,8 @@ Paths to the shipped assets (built by ``scripts/build_sandbox.py`` and ``scripts
 
 - ``SANDBOX_PIPELINE``: a standard diffusers ``StableDiffusionPipeline`` directory (the base model);
 - ``SANDBOX_UNET_EARLY``: an earlier UNet checkpoint of the same model (a second "model" for preference data);
+- ``SANDBOX_DISTILLED``: the base distilled to 4 steps without guidance (``unet/`` + ``scheduler/``, SDXL-Turbo's
+  Euler-ancestral "trailing" sampler; ``scripts/distill_sandbox.py``; loaded as ``"sandbox-4step"``);
 - ``SANDBOX_CLIP``: the tiny CLIP (transformers ``CLIPModel`` + processor directory), also a reward in the catalog;
 - ``SANDBOX_DATA``: Pick-a-Pic-v2-schema preference data (Parquet, ``datasets.load_dataset(SANDBOX_DATA)``);
 - ``REWARD_MODELS_DIR``: the reward catalog (``reward_models/``), shipped inside the package too.
@@ -16,6 +18,7 @@ REPO_ROOT = PACKAGE_DIR.parents[1]
 ASSETS_DIR = PACKAGE_DIR / "assets"
 SANDBOX_PIPELINE = ASSETS_DIR / "pipeline"
 SANDBOX_UNET_EARLY = ASSETS_DIR / "unet-early"
+SANDBOX_DISTILLED = ASSETS_DIR / "distilled"
 SANDBOX_DATA = ASSETS_DIR / "pickapic"
 
 
