@@ -111,7 +111,9 @@ def test_hps_json_category_is_file_stem(tmp_path):
     # the online PSO / D3PO prompt lists: objects with a caption
     (tmp_path / "pso").mkdir()
     pso = tmp_path / "pso" / "4k_training_prompts.json"
-    pso.write_text(json.dumps([{"caption": "a cat driving a nuke", "trainset_idx": 215221}, {"caption": "a fox"}]))
+    pso.write_text(
+        json.dumps([{"caption": "a cat driving a nuke", "trainset_idx": 215221}, {"caption": "a fox"}])
+    )
     assert read_hps_json(pso).prompts == ["a cat driving a nuke", "a fox"]
 
 

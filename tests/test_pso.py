@@ -53,7 +53,9 @@ def test_pso_hinge_by_hand_active_and_saturated():
     mw, ml = t(0.01), t(0.5)
     loss, _ = pso_hinge_loss(mw, ml, beta=50.0, gamma=0.1, prior_weight=0.5)
     loss.sum().backward()
-    assert loss.item() == pytest.approx(0.25) and mw.grad.item() == 0.0 and ml.grad.item() == pytest.approx(0.5)
+    assert (
+        loss.item() == pytest.approx(0.25) and mw.grad.item() == 0.0 and ml.grad.item() == pytest.approx(0.5)
+    )
 
 
 def test_pso_specs_train_at_the_grid_in_x0_space_against_the_models_own_samples():
@@ -104,7 +106,9 @@ def test_pso_online_clamps_each_step_and_compares_within_prompts_by_hand():
 
 def test_pso_online_without_pairs_is_a_connected_zero():
     lp = torch.zeros(2, 3, requires_grad=True)
-    loss, m = pso_online_loss(lp, torch.zeros(2, 3), torch.ones(2), torch.tensor([0, 1]), beta=50.0, clip_range=0.1)
+    loss, m = pso_online_loss(
+        lp, torch.zeros(2, 3), torch.ones(2), torch.tensor([0, 1]), beta=50.0, clip_range=0.1
+    )
     loss.sum().backward()
     assert loss.item() == 0.0 and m["pairs"].item() == 0.0 and lp.grad.abs().sum().item() == 0.0
     with pytest.raises(ValueError, match="clip_range"):
@@ -141,7 +145,9 @@ def test_model_samples_are_keyed_per_pair_drawn_once_per_round_and_checkpointed(
     first = ms.latents(comps.unet, torch.tensor([5, 9, 2]), text, shape)
     assert first.shape == (3, 4, 8, 8) and torch.isfinite(first).all() and ms.drawn == 3
     # drawn alone, pair 9 gets the same sample: its noise is its own, not the batch's
-    alone = _samples(comps).latents(comps.unet, torch.tensor([9]), {k: v[1:2] for k, v in text.items()}, shape)
+    alone = _samples(comps).latents(
+        comps.unet, torch.tensor([9]), {k: v[1:2] for k, v in text.items()}, shape
+    )
     torch.testing.assert_close(alone[0], first[1])
     # refresh 0: later steps reuse the sample even after the model changes
     with torch.no_grad():
@@ -161,7 +167,9 @@ def test_model_samples_are_keyed_per_pair_drawn_once_per_round_and_checkpointed(
     assert state["indices"].tolist() == [2, 5, 9] and state["rounds"].tolist() == [0, 0, 0]
     back = _samples(comps)
     back.load_state_dict(state)
-    assert torch.equal(back.latents(comps.unet, torch.tensor([5, 9, 2]), text, shape), first) and back.drawn == 0
+    assert (
+        torch.equal(back.latents(comps.unet, torch.tensor([5, 9, 2]), text, shape), first) and back.drawn == 0
+    )
 
 
 # ---- through the training script ----------------------------------------------------------------------------------
@@ -181,7 +189,9 @@ def test_pso_trains_through_the_cli_and_resumes_bit_identically(tmp_path, object
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     refresh = ("--model_sample_refresh", "3")  # a new round at step 3, after the resume
     proc = run_script(_args(model, data, straight, objective, *refresh), timeout=600)
-    assert "timesteps grid" in proc.stdout and "the model's own samples (euler_ancestral, 2 steps" in proc.stdout
+    assert (
+        "timesteps grid" in proc.stdout and "the model's own samples (euler_ancestral, 2 steps" in proc.stdout
+    )
     assert "model samples: 16 pairs hold a sample" in proc.stdout
     run_script(_args(model, data, cut, objective, *refresh, "--max_train_steps", "2"), timeout=600)
     run_script(_args(model, data, cut, objective, *refresh, "--resume_from_checkpoint", str(cut / "checkpoint-2")),

@@ -132,7 +132,9 @@ def sampling_schedule(scheduler, num_steps: int, kind: str = "ddim") -> Schedule
         ac = sched.alphas_cumprod.double()
         a_t = ac[ts]
         a_p = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
-        scale = torch.where(prev >= 0, ((1 - a_t) / (1 - a_t / a_p).clamp(min=1e-30)).sqrt(), torch.ones_like(a_t))
+        scale = torch.where(
+            prev >= 0, ((1 - a_t) / (1 - a_t / a_p).clamp(min=1e-30)).sqrt(), torch.ones_like(a_t)
+        )
         return Schedule(ts, prev, 1.0, 1.0, scale)
     if kind != "ddim":
         raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")

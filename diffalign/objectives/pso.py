@@ -156,7 +156,9 @@ class PSOParams:
     )
     prior_weight: float = field(
         default=0.5,
-        metadata={"help": "weight of the prior term on the model's own samples (official prior_loss_weight 0.5)"},
+        metadata={
+            "help": "weight of the prior term on the model's own samples (official prior_loss_weight 0.5)"
+        },
     )
     timestep_grid: list[int] = field(
         default_factory=lambda: list(DISTILLED_GRID),
@@ -170,11 +172,15 @@ class PSOParams:
     )
     model_sample_guidance: float = field(
         default=0.0,
-        metadata={"help": "classifier-free guidance of those samples (<= 1: none, as distilled models sample)"},
+        metadata={
+            "help": "classifier-free guidance of those samples (<= 1: none, as distilled models sample)"
+        },
     )
     model_sample_sampler: str = field(
         default="euler_ancestral",
-        metadata={"help": "sampler of those samples: euler_ancestral (SDXL-Turbo), lcm (LCM, DMD2), ddim or ddpm (η 1)"},
+        metadata={
+            "help": "sampler of those samples: euler_ancestral (SDXL-Turbo), lcm (LCM, DMD2), ddim or ddpm (η 1)"
+        },
     )
     model_sample_refresh: int = field(
         default=0,
@@ -192,9 +198,13 @@ class PSOParams:
         if not self.prior_weight >= 0:
             raise ConfigError(f"config field prior_weight must be >= 0, got {self.prior_weight}")
         if not self.timestep_grid:
-            raise ConfigError("config field timestep_grid is empty: give the model's timesteps, e.g. [249, 499, 749, 999]")
+            raise ConfigError(
+                "config field timestep_grid is empty: give the model's timesteps, e.g. [249, 499, 749, 999]"
+            )
         if self.error_weighting not in ("snr", "none"):
-            raise ConfigError(f"config field error_weighting must be 'snr' or 'none', got {self.error_weighting!r}")
+            raise ConfigError(
+                f"config field error_weighting must be 'snr' or 'none', got {self.error_weighting!r}"
+            )
         if self.model_sample_steps < 1 or self.model_sample_refresh < 0:
             raise ConfigError(
                 "config fields model_sample_steps must be >= 1 and model_sample_refresh >= 0, got "
@@ -221,11 +231,15 @@ class PSOOnlineParams:
         if not self.beta > 0:
             raise ConfigError(f"config field beta must be > 0, got {self.beta} (official 50)")
         if not 0 < self.clip_range < 1:
-            raise ConfigError(f"config field clip_range must be in (0, 1), got {self.clip_range} (official 0.1)")
+            raise ConfigError(
+                f"config field clip_range must be in (0, 1), got {self.clip_range} (official 0.1)"
+            )
 
 
 def _pso(x: PairErrors, p: PSOParams):
-    return pso_loss(x.model_w, x.model_l, x.ref_w, x.ref_l, beta=p.beta, gamma=p.gamma, prior_weight=p.prior_weight)
+    return pso_loss(
+        x.model_w, x.model_l, x.ref_w, x.ref_l, beta=p.beta, gamma=p.gamma, prior_weight=p.prior_weight
+    )
 
 
 def _pso_hinge(x: PairErrors, p: PSOParams):
@@ -233,7 +247,9 @@ def _pso_hinge(x: PairErrors, p: PSOParams):
 
 
 def _pso_online(x: TrajectoryLogProbs, p: PSOOnlineParams):
-    return pso_online_loss(x.log_prob, x.log_prob_ref, x.rewards, x.groups, beta=p.beta, clip_range=p.clip_range)
+    return pso_online_loss(
+        x.log_prob, x.log_prob_ref, x.rewards, x.groups, beta=p.beta, clip_range=p.clip_range
+    )
 
 
 _OFFLINE = dict(

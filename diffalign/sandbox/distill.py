@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.digest import sha256_file as _sha256
 from .build import _dir_size, _publish, lr_lambda
 from .captions import PREFIXES, caption_text, sample_spec
 
@@ -334,14 +335,6 @@ def save_distilled(student, scheduler, directory: Path) -> None:
     scheduler.save_pretrained(directory / "scheduler")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pipeline_digest(distilled: Path, base: Path) -> str:
     """16 hex digits of sha256 over the two source folders' paths and every file of the components the assembled
     pipeline uses (``unet``/``scheduler`` of ``distilled``, the rest of ``base``): a rebuilt asset gets a new
@@ -563,7 +556,7 @@ def distill_sandbox(
     log(f"[distill] config: {json.dumps(asdict(cfg))}")
     log(
         f"[distill] derived: teacher {cfg.n_teacher:,} trajectories x {cfg.teacher_steps + 1} guided DDIM steps "
-        f"(2 UNet rows each); student {cfg.train_steps} x {cfg.batch} = {cfg.train_steps * cfg.batch:,} examples "
+        f"(2 UNet rows each) + one re-run each from a re-noised endpoint; student {cfg.train_steps} x {cfg.batch} = {cfg.train_steps * cfg.batch:,} examples "
         f"(~{cfg.train_steps * cfg.batch / cfg.n_teacher:.1f} per trajectory) at timesteps {list(cfg.grid)}; "
         f"torch threads {torch.get_num_threads()}"
     )

@@ -10,12 +10,13 @@ checkpoint that verifies and loads, and says which ones it skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+
+from ..utils.digest import sha256_file as _sha256
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -42,14 +43,6 @@ def resume_candidates(output_dir: str | Path, resume: str | None) -> list[Path]:
             f"resume_from_checkpoint={resume!r}: {path} is not a complete diffalign checkpoint (no train_state.json)"
         )
     return [path]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_digests(directory: Path) -> dict[str, str]:

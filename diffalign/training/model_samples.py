@@ -119,7 +119,9 @@ class ModelSamples:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.store = {
             int(i): (int(r), lat.clone())
-            for i, r, lat in zip(state["indices"].tolist(), state["rounds"].tolist(), state["latents"], strict=True)
+            for i, r, lat in zip(
+                state["indices"].tolist(), state["rounds"].tolist(), state["latents"], strict=True
+            )
         }
 
     def describe(self) -> str:
