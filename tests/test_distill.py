@@ -19,8 +19,11 @@ from diffalign.sandbox.distill import (
     GRID,
     SCHEDULER_CLASS,
     DistillConfig,
+    encode_text,
     grammar_prompts,
+    guided_ode,
     materialise_pipeline,
+    teacher_data,
     trailing_timesteps,
 )
 
@@ -57,12 +60,58 @@ def test_trailing_grid_and_config_checks():
         DistillConfig(teacher_steps=10)  # 999, 899, ..., 99 misses 749 and 249
 
 
+def test_defaults_are_the_shipped_build():
+    """No arguments rebuild the shipped UNet: the "endpoint" recipe at its measured settings (the shipped report was
+    written before ``recipe`` existed; its ``p_trajectory`` 0.5 is ``1 − p_renoised``)."""
+    cfg = DistillConfig()
+    assert (cfg.recipe, cfg.train_steps, cfg.lr) == ("endpoint", 600, 1e-4)
+    assert (DistillConfig(recipe="rerun").train_steps, DistillConfig(recipe="rerun").lr) == (1200, 2e-4)
+    shipped = json.loads((SANDBOX_DISTILLED / "distill_report.json").read_text())["config"]
+    for key in (
+        "seed",
+        "n_teacher",
+        "teacher_steps",
+        "teacher_guidance",
+        "train_steps",
+        "batch",
+        "lr",
+        "grid",
+    ):
+        assert shipped[key] == getattr(cfg, key) or list(getattr(cfg, key)) == shipped[key], key
+    with pytest.raises(ValueError, match="recipe='ode'"):
+        DistillConfig(recipe="ode")
+
+
+def test_rerun_targets_are_the_teachers_ode_endpoints():
+    """``recipe="rerun"``: each re-noised endpoint's target is the guided teacher's ODE run from it; "endpoint" skips
+    the re-run. Tiny: 4 captions, the 4-step teacher grid."""
+    from diffusers import DDPMScheduler
+
+    pipe = _pipeline(SANDBOX_PIPELINE)
+    ac = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    prompts = grammar_prompts(4, 3)
+    args = (pipe.unet, pipe.text_encoder, pipe.tokenizer, ac, prompts)
+    rerun = teacher_data(DistillConfig(recipe="rerun", teacher_steps=4, teacher_batch=4), *args)
+    endpoint = teacher_data(DistillConfig(teacher_steps=4, teacher_batch=4), *args)
+    assert torch.equal(rerun.x0, endpoint.x0) and torch.equal(rerun.states[:, 0], endpoint.states[:, 0])
+    assert not endpoint.renoised_x0.any() and rerun.renoised_x0.abs().sum() > 0
+    uncond = encode_text(pipe.text_encoder, pipe.tokenizer, [""])
+    for i in range(4):
+        k = int(rerun.renoised_k[i])
+        want = guided_ode(
+            pipe.unet, rerun.renoised[i : i + 1], rerun.cond[i : i + 1], uncond, [*GRID[k:], 0], 5.0, ac
+        )
+        torch.testing.assert_close(rerun.renoised_x0[i : i + 1], want, rtol=1e-4, atol=1e-4)
+
+
 def test_quick_build_writes_a_loadable_model(tmp_path, capsys):
     from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
 
     out = tmp_path / "distilled"
     assert _script().main(["--quick", "--output-dir", str(out)]) == 0
     assert "| distilled, Euler-a 4 steps, no CFG |" in capsys.readouterr().out
+    assert _script().main(["--quick", "--measure-only", str(out)]) == 0  # measures, writes nothing
+    assert capsys.readouterr().out.count("| distilled, Euler-a 4 steps, no CFG |") == 2
     report = json.loads((out / "distill_report.json").read_text())
     assert report["config"]["train_steps"] == DistillConfig.quick().train_steps
     assert (

@@ -7,40 +7,35 @@ classifier-free guidance** (``guidance_scale=0``: the teacher's guidance is bake
 architecture, betas (SD's scaled_linear 0.00085..0.012, 1000 steps) and epsilon prediction, so the project's training
 code treats it like any SD1.x UNet.
 
-Method: guided-teacher ODE distillation at the grid
----------------------------------------------------
-The student's ``x̂0`` at a grid timestep is trained to be the *guided teacher's ODE endpoint from the student's input*
-— the consistency function of the teacher's probability-flow ODE (Song et al. 2023) computed by running the teacher
-to the end, not bootstrapped — which is what an ancestral sampler needs: it re-noises ``x̂0`` at every step.
-
+Method: guided-teacher distillation at the grid
+-----------------------------------------------
 1. **Teacher data.** ``n_teacher`` captions of the sandbox grammar (``captions.sample_spec`` with a random prefix;
    the ``test_unique`` evaluation prompts are excluded). For each, from noise ``z ~ N(0, I)`` (8x8x4 latents), the base
    UNet runs deterministic DDIM (η = 0) with classifier-free guidance ``ε̂ = ε_u + w (ε_c − ε_u)``, ``w = 5``, on the
    "trailing" timesteps 999, 949, ..., 49 (``teacher_steps`` = 20, a superset of the grid) plus a last step at
    t = 0, batched (conditional and unconditional halves in one UNet call). Kept: the endpoint ``x0_T(z)`` and the
-   ODE's states ``x_{t_k}`` at the grid timesteps (``k = 0``: ``z`` itself). Then each row draws a grid step
-   ``k ≥ 1``, re-noises its endpoint, ``x_r = √ᾱ_{t_k} x0_T + √(1−ᾱ_{t_k}) ε`` with fresh ``ε`` — what the
-   Euler-ancestral sampler feeds the student at its later steps: Euler-ancestral is DDIM with η = 1
-   (``diffusion/sampling.py``), whose steps on this grid re-noise ``x̂0`` with 92%, 84% and 82% fresh noise by
-   variance — and the teacher runs its guided ODE again from ``(x_r, t_k)`` to its own endpoint ``x0_T(x_r)``.
+   ODE's states ``x_{t_k}`` at the grid timesteps (``k = 0``: ``z`` itself).
 2. **Student.** Initialised from the base UNet; loss ``‖x̂0 − target‖²`` in x0 space, where the epsilon-prediction
-   UNet's ``x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t``, on a mix of pairs: with probability ``p_renoised`` a re-noised input
-   ``(x_r, t_k) → x0_T(x_r)``, else a grid step ``k`` uniform over the 4 and the ODE state ``(x_{t_k}, t_k) →
-   x0_T(z)`` (at ``k = 0``: the teacher's noise→image map in one step, Luhman & Luhman 2021). Every target is a
-   deterministic function of its input, so the regression learns a sharp map and not a posterior mean.
+   UNet's ``x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t``, on pairs at the grid: the ODE state ``(x_{t_k}, t_k) → x0_T(z)``
+   (at ``k = 0`` the teacher's noise→image map in one step, Luhman & Luhman 2021) or, with probability
+   ``p_renoised`` at ``k ≥ 1``, a re-noised endpoint ``x_r = √ᾱ_{t_k} x0_T + √(1−ᾱ_{t_k}) ε`` — what the
+   Euler-ancestral sampler feeds the student at its later steps: it is DDIM with η = 1 (``diffusion/sampling.py``),
+   whose steps on this grid re-noise ``x̂0`` with 92%, 84% and 82% fresh noise by variance.
 
-Measured (judge prompt-following, 384 held-out grammar captions x one seed each, base at DDIM 20 / CFG 5: 0.537):
-the first recipe regressed the *original* endpoint ``x0_T(z)`` from re-noised inputs (fresh noise at every training
-step): the MSE optimum is then the posterior mean ``E[x0_T | x_t]``, blurred where the fresh noise hides which sample
-it was; its 4-step samples lost colour and size (0.461; 0.475 at twice the steps). Targets from the teacher's ODE
-re-run: 0.474 at 600 steps, 0.494 at 1200, 0.496 at 1800 (learning rate 1e-4); 0.506 at 1200 steps and 2e-4 (this
-script's default). **The shipped UNet** (``assets/distilled``) **is the first recipe's** (600 steps, lr 1e-4, the
-original endpoint as target; its ``distill_report.json`` holds that config and its measurements): it was built and
-measured first, and every PSO / DPO result on ``sandbox-4step`` in the README was measured on it; a rebuild with the
-default above was not shipped in that round (it would change the model those results describe). A second round on the student's own 4-step states (on-policy, "DAgger"-style) gave no more than the
-same steps on this data (0.495 vs 0.491); an L1 loss gave less. The first recipe already matched the base on
-``test_unique`` x seeds {0, 1} (0.519 vs 0.515): that protocol's two seeds are two noise draws shared by all prompts,
-a narrow measurement, so the build reports both.
+``recipe="endpoint"`` (the shipped UNet: 600 steps at lr 1e-4) takes ``x0_T(z)`` as the re-noised inputs' target,
+with fresh noise at every training step: the MSE optimum is then the posterior mean ``E[x0_T | x_r]``, blurred where
+the noise hides which sample it was. ``recipe="rerun"`` (1200 steps at lr 2e-4) draws one re-noised input per row and
+runs the teacher's guided ODE again from ``(x_r, t_k)``: its endpoint ``x0_T(x_r)`` is the target — the consistency
+function of the teacher's probability-flow ODE (Song et al. 2023), computed by running the teacher to the end rather
+than bootstrapped. Every target is then a deterministic function of its input, so the regression learns a sharp map.
+
+Measured (judge prompt-following, 384 held-out grammar captions x one seed each; base, DDIM 20 / CFG 5: 0.537):
+"endpoint" 0.461 (0.475 at twice the steps; its 4-step samples lose colour and size); "rerun" 0.474 at 600 steps,
+0.494 at 1200, 0.496 at 1800 (lr 1e-4), 0.506 at 1200 steps and lr 2e-4. A second round on the student's own 4-step
+states (on-policy, "DAgger"-style) gave no more than the same steps (0.495 vs 0.491); an L1 loss gave less. On
+``test_unique`` x seeds {0, 1} "endpoint" already matched the base (0.519 vs 0.515), but that protocol's two seeds are
+two noise draws shared by every prompt: the build reports both measurements. The shipped UNet stays the "endpoint"
+one because every PSO / DPO result on ``sandbox-4step`` in the README was measured on it.
 
 Why not the alternatives: progressive distillation (Salimans & Ho 2022) needs log2(20/4) ≈ 2-3 rounds of
 teacher→student halving, each as long as this whole build; consistency distillation proper (LCM, Luo et al. 2023)
@@ -79,6 +74,8 @@ GRID = (999, 749, 499, 249)
 """SDXL-Turbo's 4 timesteps: ``EulerAncestralDiscreteScheduler`` with "trailing" spacing at 1000 train steps."""
 PIPELINE_COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
 SCHEDULER_CLASS = "EulerAncestralDiscreteScheduler"
+RECIPE_DEFAULTS = {"endpoint": (600, 1e-4), "rerun": (1200, 2e-4)}
+"""``recipe -> (train_steps, lr)``: "endpoint" built the shipped UNet, "rerun" is the better recipe."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +84,8 @@ SCHEDULER_CLASS = "EulerAncestralDiscreteScheduler"
 
 @dataclass
 class DistillConfig:
-    """Every knob of the distillation. Defaults are the shipped build (measured time in ``docs/sandbox.md``)."""
+    """Every knob of the distillation. Defaults are the shipped build (``recipe="endpoint"``; ``docs/sandbox.md``);
+    ``recipe="rerun"`` is the better one (module docstring). ``train_steps``/``lr`` default per recipe."""
 
     seed: int = 0  # seeds the prompts, the teacher's noise, the student's batches and noise
     threads: int = 1  # torch threads (1: fastest on a shared 2-core machine, as in build.py)
@@ -98,11 +96,12 @@ class DistillConfig:
     teacher_batch: int = 512  # trajectories per batched teacher call (x2 rows: conditional + unconditional)
     # Student
     grid: tuple[int, ...] = GRID  # timesteps the student is trained at (and sampled at)
-    train_steps: int = 1200  # measured: 600 steps 0.474, 1200 0.494, 1800 0.496 (lr 1e-4; module docstring)
+    train_steps: int | None = None  # None: RECIPE_DEFAULTS (rerun: 600 0.474, 1200 0.494, 1800 0.496)
     batch: int = 128
-    lr: float = 2e-4  # AdamW; measured at 1200 steps: 1e-4 0.494, 2e-4 0.506 prompt-following
+    lr: float | None = None  # AdamW; None: RECIPE_DEFAULTS (rerun at 1200 steps: 1e-4 0.494, 2e-4 0.506)
     warmup_steps: int = 50  # linear warm-up, then cosine decay to 10% (build.lr_lambda)
     p_renoised: float = 0.5  # share of pairs with a re-noised input (the rest: the teacher's ODE states)
+    recipe: str = "endpoint"  # "endpoint": every target is x0_T(z); "rerun": re-noised inputs' from a re-run
     # Evaluation: the 200 test_unique prompts x eval_seeds (eval_prompts: None = all), and eval_grammar held-out
     # grammar captions with one seed each (a broader measurement: the protocol's two seeds are two noise draws)
     eval_prompts: int | None = None
@@ -122,6 +121,11 @@ class DistillConfig:
         return cls(**small)
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPE_DEFAULTS:
+            raise ValueError(f"DistillConfig.recipe={self.recipe!r}; valid: {', '.join(RECIPE_DEFAULTS)}")
+        steps, lr = RECIPE_DEFAULTS[self.recipe]
+        self.train_steps = steps if self.train_steps is None else self.train_steps
+        self.lr = lr if self.lr is None else self.lr
         self.grid = tuple(int(t) for t in self.grid)
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
         missing = sorted(set(self.grid) - set(trailing_timesteps(self.teacher_steps)))
@@ -253,7 +257,7 @@ def teacher_data(
     renoised_k = torch.randint(1, len(grid), (n,), generator=gen)
     fresh = torch.randn((n, *shape), generator=gen)
     states = torch.empty((n, len(grid), *shape))
-    x0_all, renoised, renoised_x0 = (torch.empty((n, *shape)) for _ in range(3))
+    x0_all, renoised, renoised_x0 = (torch.zeros((n, *shape)) for _ in range(3))
     for i in tqdm(range(0, n, cfg.teacher_batch), desc="teacher", mininterval=10.0):
         rows = slice(i, i + cfg.teacher_batch)
         record = dict.fromkeys(grid)
@@ -264,7 +268,7 @@ def teacher_data(
         states[rows] = torch.stack([record[t] for t in grid], dim=1)
         a = alphas_cumprod[torch.tensor(grid)[renoised_k[rows]]].view(-1, 1, 1, 1)
         renoised[rows] = a.sqrt() * x0 + (1 - a).sqrt() * fresh[rows]
-        for k in range(1, len(grid)):
+        for k in range(1, len(grid) if cfg.recipe == "rerun" else 1):  # "endpoint" needs no re-run
             sel = i + (renoised_k[rows] == k).nonzero().flatten()
             if len(sel):
                 tail = [t for t in ts if t <= grid[k]]
@@ -293,6 +297,18 @@ def student_batch(
     return x, k, target
 
 
+def endpoint_batch(data, idx, n_grid, grid, alphas_cumprod, p_renoised, gen):
+    """The first recipe's ``(x_t, k, target)`` (``recipe="endpoint"``, the shipped UNet, same random draws): ``k``
+    uniform; at ``k ≥ 1`` with probability ``p_renoised`` the endpoint re-noised with fresh noise, else the ODE state;
+    the target is always ``x0_T(z)`` (whose MSE optimum from a re-noised input is a blurred posterior mean)."""
+    k = torch.randint(0, n_grid, (len(idx),), generator=gen)
+    a = alphas_cumprod[grid[k]].view(-1, 1, 1, 1)
+    x0 = data.x0[idx]
+    fresh = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen)
+    state = (k == 0) | (torch.rand(len(idx), generator=gen) < 1 - p_renoised)
+    return torch.where(state.view(-1, 1, 1, 1), data.states[idx, k], fresh), k, x0
+
+
 def train_student(cfg: DistillConfig, base_unet, data: TeacherData, alphas_cumprod: torch.Tensor, log=print):
     """A copy of ``base_unet`` trained on ``‖x̂0(x_t, t) − target‖²`` at the grid (module docstring); returns it
     frozen. A plain loop, not ``training/``'s: this is a build recipe run once (like ``build.train_unet``), not a
@@ -307,7 +323,10 @@ def train_student(cfg: DistillConfig, base_unet, data: TeacherData, alphas_cumpr
     bar = tqdm(range(cfg.train_steps), desc="student", mininterval=10.0)
     for step in bar:
         idx = torch.randint(0, n, (cfg.batch,), generator=gen)
-        x, k, target = student_batch(data, idx, len(cfg.grid), cfg.p_renoised, gen)
+        if cfg.recipe == "endpoint":
+            x, k, target = endpoint_batch(data, idx, len(grid), grid, alphas_cumprod, cfg.p_renoised, gen)
+        else:
+            x, k, target = student_batch(data, idx, len(grid), cfg.p_renoised, gen)
         t = grid[k]
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         eps = student(x, t, encoder_hidden_states=data.cond[idx]).sample
@@ -327,12 +346,6 @@ def train_student(cfg: DistillConfig, base_unet, data: TeacherData, alphas_cumpr
 
 # ---------------------------------------------------------------------------------------------------------------
 # The shipped folder and the assembled pipeline directory
-
-
-def save_distilled(student, scheduler, directory: Path) -> None:
-    """``directory/unet/`` (config.json + diffusion_pytorch_model.safetensors) and ``directory/scheduler/``."""
-    student.save_pretrained(directory / "unet", safe_serialization=True)
-    scheduler.save_pretrained(directory / "scheduler")
 
 
 def pipeline_digest(distilled: Path, base: Path) -> str:
@@ -381,10 +394,8 @@ def materialise_pipeline(root: Path, distilled: Path, base: Path) -> Path:
         index = json.loads((base / "model_index.json").read_text())
         index["scheduler"] = ["diffusers", SCHEDULER_CLASS]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for component in PIPELINE_COMPONENTS:
-            _link_or_copy(
-                (distilled if component in ("unet", "scheduler") else base) / component, tmp / component
-            )
+        for c in PIPELINE_COMPONENTS:
+            _link_or_copy((distilled if c in ("unet", "scheduler") else base) / c, tmp / c)
         try:
             tmp.rename(final)
         except OSError:
@@ -469,15 +480,8 @@ def measure(
             pipe.unet = distilled_unet if row.model == "distilled" else base_unet
             pipe.scheduler = sampler_for(row.sampler, base_scheduler)
             t0 = time.perf_counter()
-            images = generate(
-                pipe,
-                rows_p,
-                rows_s,
-                steps=row.steps,
-                guidance=row.guidance,
-                batch_size=batch_size,
-                desc=row.name,
-            )
+            kw = dict(steps=row.steps, guidance=row.guidance, batch_size=batch_size, desc=row.name)
+            images = generate(pipe, rows_p, rows_s, **kw)
             seconds = time.perf_counter() - t0
             scores = judge.score(images, rows_p)
             pf = np.asarray(scores["prompt_following"], dtype=np.float64)
@@ -493,6 +497,20 @@ def measure(
     finally:
         pipe.unet, pipe.scheduler = base_unet, base_scheduler
     return out
+
+
+def eval_sets(cfg: DistillConfig, eval_prompts: Sequence[str]) -> dict[str, tuple[list[str], list[int]]]:
+    """``{"test_unique": (prompts, seeds), "grammar": (...)}``, one entry per image: the evaluation protocol's
+    prompts (the first ``eval_prompts``) x ``eval_seeds``, prompt-major; ``eval_grammar`` captions with seeds 1000+."""
+    prompts = list(eval_prompts)[: cfg.eval_prompts] if cfg.eval_prompts else list(eval_prompts)
+    grammar = grammar_prompts(cfg.eval_grammar, cfg.seed + 1_000)
+    return {
+        "test_unique": (
+            [p for p in prompts for _ in cfg.eval_seeds],
+            [s for _ in prompts for s in cfg.eval_seeds],
+        ),
+        "grammar": (grammar, list(range(1_000, 1_000 + len(grammar)))),
+    }
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -554,9 +572,11 @@ def distill_sandbox(
     base = Path(base) if base is not None else SANDBOX_PIPELINE
     timings: dict[str, float] = {}
     log(f"[distill] config: {json.dumps(asdict(cfg))}")
+    rerun = " + a re-run from each re-noised endpoint" if cfg.recipe == "rerun" else ""
     log(
         f"[distill] derived: teacher {cfg.n_teacher:,} trajectories x {cfg.teacher_steps + 1} guided DDIM steps "
-        f"(2 UNet rows each) + one re-run each from a re-noised endpoint; student {cfg.train_steps} x {cfg.batch} = {cfg.train_steps * cfg.batch:,} examples "
+        f"(2 UNet rows each){rerun}; student {cfg.train_steps} x {cfg.batch} = {cfg.train_steps * cfg.batch:,} "
+        "examples "
         f"(~{cfg.train_steps * cfg.batch / cfg.n_teacher:.1f} per trajectory) at timesteps {list(cfg.grid)}; "
         f"torch threads {torch.get_num_threads()}"
     )
@@ -580,19 +600,12 @@ def distill_sandbox(
         staging = output_dir.parent / f".staging-{output_dir.name}"
         if staging.exists():
             shutil.rmtree(staging)
-        save_distilled(student, make_scheduler(dict(pipe.scheduler.config)), staging)
+        student.save_pretrained(staging / "unet", safe_serialization=True)  # config.json + safetensors
+        make_scheduler(dict(pipe.scheduler.config)).save_pretrained(staging / "scheduler")
 
         t0 = time.perf_counter()
         saved = UNet2DConditionModel.from_pretrained(staging / "unet").eval()
-        prompts_eval = list(eval_prompts)[: cfg.eval_prompts] if cfg.eval_prompts else list(eval_prompts)
-        grammar = grammar_prompts(cfg.eval_grammar, cfg.seed + 1_000)
-        sets = {
-            "test_unique": (
-                [p for p in prompts_eval for _ in cfg.eval_seeds],
-                [s for _ in prompts_eval for s in cfg.eval_seeds],
-            ),
-            "grammar": (grammar, list(range(1_000, 1_000 + len(grammar)))),
-        }
+        sets = eval_sets(cfg, eval_prompts)
         metrics = {
             name: measure(pipe, saved, rows_p, rows_s, eval_rows(cfg), generate, cfg.eval_batch)
             for name, (rows_p, rows_s) in sets.items()
@@ -607,10 +620,11 @@ def distill_sandbox(
             sizes_bytes={"unet": _dir_size(staging / "unet"), "scheduler": _dir_size(staging / "scheduler")},
             command=command,
             settings={
-                "eval_prompts": len(prompts_eval),
+                "eval_prompts": len(sets["test_unique"][0]) // len(cfg.eval_seeds),
                 "eval_seeds": list(cfg.eval_seeds),
-                "eval_grammar": f"{len(grammar)} grammar_prompts(n, seed={cfg.seed + 1_000}), seeds 1000, 1001, ... "
-                "(one per caption; the grammar is finite, so captions may repeat the teacher's, the noise does not)",
+                "eval_grammar": f"{cfg.eval_grammar} grammar_prompts(n, seed={cfg.seed + 1_000}), seeds 1000, "
+                "1001, ... (one per caption; the grammar is finite, so captions may repeat the teacher's, the noise "
+                "does not)",
                 "judge_sha256": _sha256(Path(__file__).with_name("judge.py"))[:16],
                 "torch_threads": cfg.threads,
                 "base": str(base),
@@ -656,8 +670,8 @@ pipe = StableDiffusionPipeline.from_pretrained(
 
 Built by `{result.command}` in {result.timings_s["total"] / 60:.1f} min ({s["torch_threads"]} torch thread;
 teacher {result.timings_s["teacher"] / 60:.1f} min, student {result.timings_s["student"] / 60:.1f} min): teacher
-{cfg["n_teacher"]:,} guided DDIM trajectories ({cfg["teacher_steps"]} steps, CFG {cfg["teacher_guidance"]:g}) and as
-many re-runs from re-noised endpoints, student {cfg["train_steps"]} steps x {cfg["batch"]}. Judge prompt-following
+{cfg["n_teacher"]:,} guided DDIM trajectories ({cfg["teacher_steps"]} steps, CFG {cfg["teacher_guidance"]:g}), recipe
+"{cfg["recipe"]}", student {cfg["train_steps"]} steps x {cfg["batch"]} at lr {cfg["lr"]:g}. Judge prompt-following
 and overall, mean ± standard error; the last column is paired (same prompts and seeds).
 
 {s["eval_prompts"]} `test_unique` prompts x seeds {s["eval_seeds"]} (the evaluation protocol):
