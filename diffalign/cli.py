@@ -17,12 +17,34 @@ from .config import parse_config
 from .errors import ConfigError, TrainingError
 
 
+def objective_recipe(argv: list[str], default_config: Path) -> Path:
+    """The recipe a run without ``--config`` starts from: ``sandbox_<objective>.yaml`` beside ``default_config`` when
+    ``--objective`` names one (``--objective pso_online`` must not inherit PRDP's β and clip range), else the default."""
+    objective = None
+    for i, arg in enumerate(argv):
+        if arg == "--objective" and i + 1 < len(argv):
+            objective = argv[i + 1]
+        elif arg.startswith("--objective="):
+            objective = arg.split("=", 1)[1]
+    if objective:
+        recipe = default_config.parent / f"sandbox_{objective}.yaml"
+        if recipe.is_file() and recipe != default_config:
+            print(
+                f"no --config given: starting from {recipe.name}, the sandbox recipe of objective {objective!r}",
+                file=sys.stderr,
+            )
+            return recipe
+    return default_config
+
+
 def run_training(config_cls: type, trainer: str, default_config: Path, argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (``--config default_config`` prepended when no ``--config`` is given), then run
+    """Parse ``argv`` (when no ``--config`` is given, ``--config`` of :func:`objective_recipe` is prepended), then run
     ``trainer`` (``"module:Class"``): ``setup()``, ``train()``, ``evaluate()`` unless ``skip_eval``, ``export()``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv and Path(default_config).is_file():
-        argv = ["--config", str(default_config), *argv]
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        default_config = objective_recipe(argv, Path(default_config))
+        if Path(default_config).is_file():
+            argv = ["--config", str(default_config), *argv]
     cfg = parse_config(config_cls, argv)
     cfg.check_paths()
 
