@@ -168,3 +168,38 @@ def test_user_tokens_resolve_preferences_that_contradict_each_other(tmp_path):
     acc_ppd, acc_dpo = late_accuracy(ppd), late_accuracy(dpo)
     assert acc_dpo < 0.6, acc_dpo
     assert acc_ppd > acc_dpo + 0.12, (acc_ppd, acc_dpo)
+
+
+def test_ppd_full_fine_tuning_exports_a_stock_unet_and_the_user_branch_apart(ppd_data, tmp_path):
+    """Full fine-tuning: the UNet's own weights train as well, the export is a stock-loadable UNet without the user
+    keys, and the user branch goes to user_attention.safetensors, which loads onto that exported UNet."""
+    out = tmp_path / "full"
+    run_script(_args(ppd_data, out, "--finetune", "full", "--learning_rate", "1e-4", steps=2), timeout=900)
+    curve = losses(out)
+    assert abs(curve[0] - 0.6931471805599453) < 1e-6 and len(curve) == 2
+    assert not (out / "lora").exists()
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.models.user_attention import load_user_attention, user_processors
+
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not [k for k in exported if "user" in k]
+    base = load_file(f"{SANDBOX_PIPELINE}/unet/diffusion_pytorch_model.safetensors")
+    assert exported.keys() == base.keys()
+    assert (
+        max((exported[k].float() - base[k].float()).abs().max().item() for k in base) > 0
+    )  # the UNet trained
+    branch = load_file(out / "user_attention.safetensors")
+    assert [k for k in branch if "to_v_user" in k] and all(torch.isfinite(v).all() for v in branch.values())
+
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")  # stock diffusers, no user branch
+    load_user_attention(unet, out / "user_attention.safetensors")
+    assert len(user_processors(unet)) > 0
+    x, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    tokens = torch.randn(1, 2, 32)
+    with torch.no_grad():
+        plain = unet(x, 500, encoder_hidden_states=ehs).sample
+        personal = unet(
+            x, 500, encoder_hidden_states=ehs, cross_attention_kwargs={"user_tokens": tokens}
+        ).sample
+    assert (plain - personal).abs().max() > 0

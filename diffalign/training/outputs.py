@@ -119,6 +119,25 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
             )
 
 
+def save_unet(unet, target: Path, state: dict[str, torch.Tensor]) -> None:
+    """``unet.save_pretrained(target)`` with the given weights: diffusers' ``save_pretrained`` takes no state dict (a
+    ``state_dict=`` keyword disappears into its hub kwargs and it writes ``unet.state_dict()``), which under FSDP /
+    ZeRO-3 is this process's shard and for PPD holds the user branch. Same layout: ``config.json`` and one
+    ``diffusion_pytorch_model.safetensors``, loadable by ``UNet2DConditionModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    unknown = sorted(set(state) - set(unet.state_dict()))
+    if unknown:
+        raise TrainingError(
+            f"export to {target}: weight {unknown[0]} is not a parameter of the UNet; nothing was exported"
+        )
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    unet.save_config(target)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
 def export(run: Run, metrics: dict, data_description: dict) -> Path:
     """LoRA -> ``<out>/lora`` (stock ``load_lora_weights``); full -> ``<out>/unet`` (``save_pretrained``); plus the
     model card. Non-finite weights are never written."""
@@ -139,7 +158,7 @@ def export(run: Run, metrics: dict, data_description: dict) -> Path:
             # a user branch (PPD) is exported on its own (user_attention.safetensors): the UNet stays stock-loadable
             state = {k: v for k, v in state.items() if not _is_user_module_key(k)}
             check_finite(state, f"export to {target}")
-            unet.save_pretrained(target, safe_serialization=True, state_dict=state)
+            save_unet(unet, target, state)
     if acc.is_main_process:
         from .model_card import write_model_card
 
