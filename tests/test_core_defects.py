@@ -231,7 +231,7 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
         (
             ["--objective", "ppo"],
             "objective='ppo' is not a known objective; choose one of ['ddpo', 'dpo', 'dreambooth', "
-            "'dreambooth_prior', 'inpo', 'ppd', 'prdp', 'pso', 'pso_hinge', 'pso_online', 'rpo', 'sft']",
+            "'dreambooth_prior', 'inpo', 'ppd', 'prdp', 'pso', 'pso_hinge', 'pso_online', 'pso_pairs', 'rpo', 'sft']",
         ),
         (
             ["--pretrained_model", "./no/such/model"],

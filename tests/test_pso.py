@@ -14,7 +14,7 @@ from tiny_models import build_tiny_sd, build_tiny_sdxl, write_tiny_pairs
 
 from diffalign.config import TrainConfig, parse_config
 from diffalign.errors import ConfigError
-from diffalign.objectives.pso import PSOParams, pso_hinge_loss, pso_loss, pso_online_loss
+from diffalign.objectives.pso import PSOPairsParams, PSOParams, pso_hinge_loss, pso_loss, pso_online_loss
 from diffalign.objectives.registry import get_objective
 
 
@@ -74,6 +74,16 @@ def test_pso_specs_train_at_the_grid_in_x0_space_against_the_models_own_samples(
     cfg = parse_config(TrainConfig, ["--objective", "pso", "--timestep_grid", "[0,250,500,750]",
                                      "--model_sample_refresh", "100"])  # fmt: skip
     assert cfg.params.timestep_grid == [0, 250, 500, 750] and cfg.model_sample_refresh == 100
+
+
+def test_pso_pairs_keeps_the_datas_rejected_image_and_weighs_it_like_the_preferred_one():
+    spec = get_objective("pso_pairs")
+    assert spec.timesteps == "grid" and spec.error_space == "x0" and spec.loser_source == "data"
+    assert spec.needs_reference and spec.params is PSOPairsParams
+    p = PSOPairsParams()
+    assert p.gamma == 1.0 and p.prior_weight == 0.0 and p.timestep_grid == [249, 499, 749, 999]
+    with pytest.raises(ConfigError, match="model_sample_steps"):
+        parse_config(TrainConfig, ["--objective", "pso_pairs", "--model_sample_steps", "2"])
 
 
 # ---- online loss ------------------------------------------------------------------------------------------------
@@ -302,3 +312,27 @@ def test_online_pso_raises_the_winners_log_ratio_over_the_losers(tmp_path):
     trainer.train_epoch(samples)
     m1, _ = margins()
     assert float((m1 > 0).float().mean()) > 0.8 and float(m1.mean()) > 0, m1
+
+
+def test_pso_pairs_trains_on_the_data_pairs_at_the_grid(tmp_path):
+    model, data = build_tiny_sd(tmp_path / "sd"), write_tiny_pairs(tmp_path / "data", n=16, size=16)
+    out = tmp_path / "pairs"
+    args = (
+        "--objective",
+        "pso_pairs",
+        "--beta",
+        "500",
+        "--deterministic",
+        "false",
+        "--timestep_grid",
+        "[249,749]",
+    )
+    proc = run_script(tiny_args(model, data, out, *args, steps=4, checkpointing=0), timeout=600)
+    assert "timesteps grid" in proc.stdout and "own samples" not in proc.stdout
+    assert (
+        "reference errors: 0 of 16 pairs read" in proc.stdout
+    )  # data losers: the reference's errors are cacheable
+    log = _log(out)
+    assert log[0]["train/loss"] == pytest.approx(math.log(2.0), abs=1e-6)  # fresh LoRA: model == reference
+    assert log[0]["pso/target_err"] != log[0]["pso/sample_err"]  # slot 1 is the rejected image, not a copy
+    assert len({r["train/loss"] for r in log}) > 1

@@ -94,7 +94,7 @@ def test_registry_contract():
     assert get_objective("sft").uses_losers is False and get_objective("sft").needs_reference is False
     with pytest.raises(
         ConfigError,
-        match=r"choose one of \['ddpo', 'dpo', 'dreambooth', 'dreambooth_prior', 'inpo', 'ppd', 'prdp', 'pso', 'pso_hinge', 'pso_online', 'rpo', 'sft'\]",
+        match=r"choose one of \['ddpo', 'dpo', 'dreambooth', 'dreambooth_prior', 'inpo', 'ppd', 'prdp', 'pso', 'pso_hinge', 'pso_online', 'pso_pairs', 'rpo', 'sft'\]",
     ):
         get_objective("dpo2")
     with pytest.raises(ValueError, match="noising='inversion'"):

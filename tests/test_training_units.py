@@ -30,7 +30,7 @@ def test_pair_randomness_depends_only_on_seed_epoch_and_index():
 def test_unknown_objective_lists_valid_ones():
     with pytest.raises(
         ValueError,
-        match=r"choose one of \[.ddpo., .dpo., .dreambooth., .dreambooth_prior., .inpo., .ppd., .prdp., .pso., .pso_hinge., .pso_online., .rpo., .sft.\]",
+        match=r"choose one of \[.ddpo., .dpo., .dreambooth., .dreambooth_prior., .inpo., .ppd., .prdp., .pso., .pso_hinge., .pso_online., .pso_pairs., .rpo., .sft.\]",
     ):
         get_objective("ppo")
 

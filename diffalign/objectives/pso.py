@@ -29,6 +29,13 @@ of a 1000-step Euler schedule, which is descending, so it visits t ∈ {750, 500
 {999, 749, 499, 249} its comment names; ``timestep_grid`` here is the model's own grid (set it to ``[0, 250, 500,
 750]`` to reproduce the script).
 
+**Offline-sampled pairs** (``pso_pairs``). The paper presents PSO as a general formulation over offline-sampled
+*and* online-sampled pairs; for offline human-preference data (no official script exists: ``../shared/METHODS.md``)
+slot 1 stays the data's rejected image: ``pso``'s loss on the dataset's pairs at the distilled model's own timesteps.
+Its defaults are γ 1 (the two images of a human-labelled pair weigh the same) and no prior term (a denoising loss on
+the rejected image would teach it). With γ 1 and ``error_weighting: snr`` on an ε-prediction model this is
+Diffusion-DPO restricted to ``timestep_grid``, which is the comparison the paper's claim is about.
+
 **Online form** (``pso_online``; the online loop). Two (or more) trajectories per prompt from independent ``x_T``
 with the model's few-step sampler (Euler-ancestral at 4 steps, no guidance: ``sampler: euler_ancestral``), scored by a
 learned reward; the last step is deterministic and not trained. For every within-prompt pair with ``r_w > r_l``
@@ -146,10 +153,48 @@ def pso_online_loss(log_prob, log_prob_ref, rewards, groups, *, beta: float, cli
 
 
 @dataclass
-class PSOParams:
-    """Offline PSO hyperparameters (flat ``--flags`` and YAML keys)."""
+class PSOPairsParams:
+    """PSO on offline-sampled pairs (``pso_pairs``): the hyperparameters every offline PSO form shares."""
 
     beta: float = field(default=5.0, metadata={"help": "β inside the loss (official customisation: 5)"})
+    gamma: float = field(
+        default=1.0,
+        metadata={"help": "γ: weight of the second image (the rejected one) in the margin (1: symmetric)"},
+    )
+    prior_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the prior term, a denoising loss on the second image (0: none)"},
+    )
+    timestep_grid: list[int] = field(
+        default_factory=lambda: list(DISTILLED_GRID),
+        metadata={"help": "the distilled model's sampling timesteps; t is drawn from them only"},
+    )
+    error_weighting: str = field(
+        default="snr", metadata={"help": "x̂0 error weighting: 'snr' (σ⁻², official) or 'none'"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"config field beta must be > 0, got {self.beta}")
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"config field gamma must be in [0, 1] (official 0.1), got {self.gamma}")
+        if not self.prior_weight >= 0:
+            raise ConfigError(f"config field prior_weight must be >= 0, got {self.prior_weight}")
+        if not self.timestep_grid:
+            raise ConfigError(
+                "config field timestep_grid is empty: give the model's timesteps, e.g. [249, 499, 749, 999]"
+            )
+        if self.error_weighting not in ("snr", "none"):
+            raise ConfigError(
+                f"config field error_weighting must be 'snr' or 'none', got {self.error_weighting!r}"
+            )
+        self.timestep_grid = [int(t) for t in self.timestep_grid]
+
+
+@dataclass
+class PSOParams(PSOPairsParams):
+    """Offline PSO hyperparameters against the model's own samples (flat ``--flags`` and YAML keys)."""
+
     gamma: float = field(
         default=0.1,
         metadata={"help": "γ (official neg_defactor): weight of the model's own samples in the margin"},
@@ -159,13 +204,6 @@ class PSOParams:
         metadata={
             "help": "weight of the prior term on the model's own samples (official prior_loss_weight 0.5)"
         },
-    )
-    timestep_grid: list[int] = field(
-        default_factory=lambda: list(DISTILLED_GRID),
-        metadata={"help": "the distilled model's sampling timesteps; t is drawn from them only"},
-    )
-    error_weighting: str = field(
-        default="snr", metadata={"help": "x̂0 error weighting: 'snr' (σ⁻², official) or 'none'"}
     )
     model_sample_steps: int = field(
         default=4, metadata={"help": "sampling steps of the model's own samples (slot 1 of every pair)"}
@@ -191,20 +229,7 @@ class PSOParams:
     )
 
     def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ConfigError(f"config field beta must be > 0, got {self.beta}")
-        if not 0 <= self.gamma <= 1:
-            raise ConfigError(f"config field gamma must be in [0, 1] (official 0.1), got {self.gamma}")
-        if not self.prior_weight >= 0:
-            raise ConfigError(f"config field prior_weight must be >= 0, got {self.prior_weight}")
-        if not self.timestep_grid:
-            raise ConfigError(
-                "config field timestep_grid is empty: give the model's timesteps, e.g. [249, 499, 749, 999]"
-            )
-        if self.error_weighting not in ("snr", "none"):
-            raise ConfigError(
-                f"config field error_weighting must be 'snr' or 'none', got {self.error_weighting!r}"
-            )
+        super().__post_init__()
         if self.model_sample_steps < 1 or self.model_sample_refresh < 0:
             raise ConfigError(
                 "config fields model_sample_steps must be >= 1 and model_sample_refresh >= 0, got "
@@ -215,7 +240,6 @@ class PSOParams:
                 "config field model_sample_sampler must be euler_ancestral, lcm, ddim or ddpm, got "
                 f"{self.model_sample_sampler!r}"
             )
-        self.timestep_grid = [int(t) for t in self.timestep_grid]
 
 
 @dataclass
@@ -260,6 +284,7 @@ _OFFLINE = dict(
     loser_source="model_samples",
     metric_prefix="pso",
 )
+_PAIRS = {**_OFFLINE, "params": PSOPairsParams, "loser_source": "data"}
 
 SPECS = {
     "pso": ObjectiveSpec(
@@ -276,6 +301,14 @@ SPECS = {
         description="PSO without a reference model (the official customisation loss: hinge + prior term)",
         needs_reference=False,
         **_OFFLINE,
+    ),
+    "pso_pairs": ObjectiveSpec(
+        name="pso_pairs",
+        loss=_pso,
+        description="PSO on offline-sampled pairs (the paper's offline form): the data's preferred against its "
+        "rejected image at the distilled model's own timesteps, σ⁻²-weighted x̂0 errors, with a reference model",
+        needs_reference=True,
+        **_PAIRS,
     ),
     "pso_online": ObjectiveSpec(
         name="pso_online",

@@ -34,6 +34,7 @@ OBJECTIVE_MODULES: dict[str, str] = {
     "ppd": "diffalign.objectives.ppd",
     "pso": "diffalign.objectives.pso",
     "pso_hinge": "diffalign.objectives.pso",
+    "pso_pairs": "diffalign.objectives.pso",
     "pso_online": "diffalign.objectives.pso",
 }
 
