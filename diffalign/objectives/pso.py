@@ -29,12 +29,12 @@ of a 1000-step Euler schedule, which is descending, so it visits t ∈ {750, 500
 {999, 749, 499, 249} its comment names; ``timestep_grid`` here is the model's own grid (set it to ``[0, 250, 500,
 750]`` to reproduce the script).
 
-**Offline-sampled pairs** (``pso_pairs``). The paper presents PSO as a general formulation over offline-sampled
-*and* online-sampled pairs; for offline human-preference data (no official script exists: ``../shared/METHODS.md``)
-slot 1 stays the data's rejected image: ``pso``'s loss on the dataset's pairs at the distilled model's own timesteps.
-Its defaults are γ 1 (the two images of a human-labelled pair weigh the same) and no prior term (a denoising loss on
-the rejected image would teach it). With γ 1 and ``error_weighting: snr`` on an ε-prediction model this is
-Diffusion-DPO restricted to ``timestep_grid``, which is the comparison the paper's claim is about.
+**The dataset's own pairs** (``pso_pairs``; an ablation, not the paper's method). The paper presents PSO as a
+general formulation that covers the popular preference objectives: with the data's rejected image in slot 1 instead
+of a sample of the model, ``pso``'s loss is Diffusion-DPO restricted to the distilled model's own timesteps (γ 1, no
+prior term, ``error_weighting: snr`` on an ε-prediction model: exactly DPO's ε errors at ``timestep_grid``). What PSO
+adds on top, the references sampled from the current model, is then absent; the pair isolates the other half of the
+paper's argument, training only where the model samples.
 
 **Online form** (``pso_online``; the online loop). Two (or more) trajectories per prompt from independent ``x_T``
 with the model's few-step sampler (Euler-ancestral at 4 steps, no guidance: ``sampler: euler_ancestral``), scored by a
@@ -154,7 +154,7 @@ def pso_online_loss(log_prob, log_prob_ref, rewards, groups, *, beta: float, cli
 
 @dataclass
 class PSOPairsParams:
-    """PSO on offline-sampled pairs (``pso_pairs``): the hyperparameters every offline PSO form shares."""
+    """``pso_pairs`` (PSO's loss on the dataset's pairs): the hyperparameters every offline PSO form shares."""
 
     beta: float = field(default=5.0, metadata={"help": "β inside the loss (official customisation: 5)"})
     gamma: float = field(
@@ -305,8 +305,8 @@ SPECS = {
     "pso_pairs": ObjectiveSpec(
         name="pso_pairs",
         loss=_pso,
-        description="PSO on offline-sampled pairs (the paper's offline form): the data's preferred against its "
-        "rejected image at the distilled model's own timesteps, σ⁻²-weighted x̂0 errors, with a reference model",
+        description="ablation: PSO's loss on the dataset's pairs (preferred against rejected, no model samples), i.e. "
+        "Diffusion-DPO at the distilled model's own timesteps, σ⁻²-weighted x̂0 errors, with a reference model",
         needs_reference=True,
         **_PAIRS,
     ),
