@@ -226,3 +226,45 @@ def test_cached_inversion_trains_through_the_cli_and_resumes_bit_identically(tmp
     b = load_file(cut / "lora" / "pytorch_lora_weights.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
     assert abs(losses(straight)[0] - 0.6931471805599453) < 1e-6
+
+
+@pytest.mark.parametrize("t_end", [0, 1, 57, 101, 650, 999])
+def test_exact_t_puts_the_latent_at_level_t(t_end):
+    """A model that always predicts the same ε makes DDIM inversion exact: every step keeps x̂0 = (x0 − √(1−ᾱ_i)·ε)/√ᾱ_i
+    (ᾱ_i: the level the clean latent is taken at) and ε, so with the last step to t itself the latent is
+    √ᾱ_t·x̂0 + √(1−ᾱ_t)·ε; the official grid stops at the level below t, which is that only on the grid."""
+    ac = _scheduler().alphas_cumprod.float()
+    torch.manual_seed(0)
+    x0, eps = torch.randn(3, 4, 4, 4), torch.randn(1, 4, 4, 4).expand(3, -1, -1, -1)
+
+    def model(x, s, rows):
+        return eps[: len(rows)]
+
+    a_i = float(ac[0])
+    x0_hat = (x0 - (1 - a_i) ** 0.5 * eps) / a_i**0.5
+    t = torch.full((3,), t_end)
+    expected = add_noise(x0_hat, eps, t, ac)
+    xt, _ = ddim_inversion_noise(model, x0, t, ac, num_steps=10, eta=0.0, exact_t=True)
+    assert torch.allclose(xt, expected, atol=1e-5)
+    grid_xt, _ = ddim_inversion_noise(model, x0, t, ac, num_steps=10, eta=0.0)
+    assert torch.allclose(grid_xt, expected, atol=1e-5) is (t_end in (0, 1, 101))  # on the grid (or t 0) only
+
+
+def test_exact_t_draws_its_extra_noise_from_the_same_generators_and_is_refused_with_the_cache():
+    from diffalign.errors import ConfigError
+    from diffalign.objectives.inpo import InPOParams
+
+    ac = _scheduler().alphas_cumprod.float()
+    x0 = torch.randn(2, 4, 4, 4)
+
+    def model(x, s, rows):
+        return 0.1 * x
+
+    def run(seed):
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(2)]
+        return ddim_inversion_noise(model, x0, torch.tensor([450, 450]), ac, num_steps=10, eta=0.1,
+                                    generators=gens, exact_t=True)[0]  # fmt: skip
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(5))
+    with pytest.raises(ConfigError, match="inversion_exact_t=true needs inversion_cache: false"):
+        InPOParams(inversion_model="reference", inversion_cache=True, inversion_exact_t=True)

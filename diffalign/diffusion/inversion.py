@@ -55,8 +55,16 @@ def ddim_inversion_noise(
     steps_offset: int = 1,
     initial_alpha_cumprod: float | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    exact_t: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_t, ε̃)`` for clean latents ``x0 [N, C, H, W]`` and per-sample timesteps ``t [N]`` (see the module).
+
+    ``exact_t``: one more inverse step, from the last grid level reached to ``t`` itself (the model called at ``t``,
+    as in the grid steps, with the same extra noise), so that ``x_t`` is at noise level ``t`` and not at the grid
+    level below it; off in the official code, where the UNet at ``t`` sees a latent up to ``T/K − 1`` steps less
+    noisy. For a model whose ε-prediction is a constant ε and ``eta = 0`` the result is then exactly that model's
+    DDIM trajectory at level ``t``, ``√ᾱ_t·x̂0 + √(1−ᾱ_t)·ε``, at every ``t`` (the grid alone reaches it only on the
+    grid).
 
     ``model(x [n, ...], s LongTensor[n], rows LongTensor[n]) -> prediction`` for the rows still inverting (the rows
     index the batch, so the caller can select their conditioning). ``generators``: one per row, for the extra noise
@@ -64,7 +72,7 @@ def ddim_inversion_noise(
     """
     ac = alphas_cumprod.to(x0.device, torch.float32)
     x, _ = _invert(model, x0, t.to(x0.device), ac, num_steps, eta, prediction_type, steps_offset,
-                   initial_alpha_cumprod, generators)  # fmt: skip
+                   initial_alpha_cumprod, generators, exact_t=exact_t)  # fmt: skip
     eps_tilde = implied_noise(x, x0.float(), t.to(x0.device), ac)
     return x.to(x0.dtype), eps_tilde.to(x0.dtype)
 
@@ -114,7 +122,7 @@ def grid_noising(
 
 
 def _invert(model, x0, t, ac, num_steps, eta, prediction_type, steps_offset, initial_alpha_cumprod, generators,
-            keep: bool = False):  # fmt: skip
+            keep: bool = False, exact_t: bool = False):  # fmt: skip
     """The inverse-step loop of :func:`ddim_inversion_noise`; with ``keep`` also the latent after each grid step."""
     T = len(ac)
     initial = float(ac[0]) if initial_alpha_cumprod is None else initial_alpha_cumprod
@@ -139,4 +147,24 @@ def _invert(model, x0, t, ac, num_steps, eta, prediction_type, steps_offset, ini
         x[rows] = moved
         if keep:
             states.append(x.clone())
+    if exact_t:
+        levels = torch.tensor(grid, device=t.device)
+        k = (levels[None, :] <= t[:, None]).sum(1) - 1  # the last grid level reached, -1: none
+        rows = (k < 0).logical_or(levels[k.clamp(min=0)] < t).nonzero().flatten()
+        if len(rows):
+            a_from = torch.stack(
+                [_level(ac, int(levels[k[r]]) if k[r] >= 0 else -1, initial) for r in rows.tolist()]
+            )
+            a_to = ac[t[rows]]
+            a_from, a_to = a_from.view(-1, 1, 1, 1).to(x.device), a_to.view(-1, 1, 1, 1)
+            out = model(x[rows], t[rows], rows).float()
+            x0_hat, eps_hat = predict_x0_and_eps(out, x[rows], a_from, prediction_type)
+            moved = a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps_hat
+            if eta > 0:
+                var = (1 - a_from) / (1 - a_to) * (1 - a_to / a_from)
+                z = torch.stack(
+                    [torch.randn(x.shape[1:], generator=generators[int(r)]) for r in rows.tolist()]
+                )
+                moved = moved + eta * var.clamp(min=0).sqrt() * z.to(x.device)
+            x[rows] = moved
     return x, states

@@ -151,7 +151,8 @@ def ddim_inversion_noising(
     generators = None
     if p.inversion_eta > 0:
         generators = [torch.Generator().manual_seed(s) for s in ctx.row_seeds()]
-    return ddim_inversion_noise(model, x0, t, ctx.alphas_cumprod, generators=generators, **_inversion_options(ctx))
+    return ddim_inversion_noise(model, x0, t, ctx.alphas_cumprod, generators=generators,
+                                exact_t=getattr(p, "inversion_exact_t", False), **_inversion_options(ctx))  # fmt: skip
 
 
 def _inversion_options(ctx: NoisingContext) -> dict[str, Any]:
@@ -221,6 +222,8 @@ def reference_error_inputs(spec: Any, params: Any) -> dict[str, Any] | None:
             params, "inversion_cache", False
         ):  # epoch-free extra noise: other inputs than the uncached
             out["inversion_cache"] = True
+        if getattr(params, "inversion_exact_t", False):
+            out["inversion_exact_t"] = True
         return out
     return None  # a noising this function does not know: do not cache
 

@@ -42,6 +42,14 @@ class InPOParams(DPOParams):
         },
     )
 
+    inversion_exact_t: bool = field(
+        default=False,
+        metadata={
+            "help": "one more inverse step from the last grid level to the sampled t, so the UNet at t sees a latent at "
+            "noise level t (official: false, it sees the grid level below t; costs one forward pass per image)"
+        },
+    )
+
     inversion_cache: bool = field(
         default=False,
         metadata={
@@ -61,6 +69,10 @@ class InPOParams(DPOParams):
                 "every step, so its inversions cannot be kept)"
             )
 
+        if self.inversion_cache and self.inversion_exact_t:
+            raise ConfigError(
+                "config field inversion_exact_t=true needs inversion_cache: false (the cache keeps grid levels only)"
+            )
         if self.inversion_steps < 1:
             raise ConfigError(f"config field inversion_steps must be >= 1, got {self.inversion_steps}")
         if self.inversion_eta < 0:
