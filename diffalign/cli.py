@@ -17,9 +17,12 @@ from .config import parse_config
 from .errors import ConfigError, TrainingError
 
 
-def objective_recipe(argv: list[str], default_config: Path) -> Path:
+def objective_recipe(argv: list[str], default_config: Path, loop: str | None = None) -> Path:
     """The recipe a run without ``--config`` starts from: ``sandbox_<objective>.yaml`` beside ``default_config`` when
-    ``--objective`` names one (``--objective pso_online`` must not inherit PRDP's β and clip range), else the default."""
+    ``--objective`` names one whose method runs on ``loop`` (the script's: ``--objective pso_online`` must not inherit
+    PRDP's β and clip range), else the default (whose config then names a wrong objective in one line)."""
+    from .objectives.registry import get_objective
+
     objective = None
     for i, arg in enumerate(argv):
         if arg == "--objective" and i + 1 < len(argv):
@@ -27,8 +30,12 @@ def objective_recipe(argv: list[str], default_config: Path) -> Path:
         elif arg.startswith("--objective="):
             objective = arg.split("=", 1)[1]
     if objective:
+        try:
+            same_loop = loop is None or get_objective(objective).loop == loop
+        except ConfigError:  # an unknown name: the config says so, listing the valid ones
+            same_loop = False
         recipe = default_config.parent / f"sandbox_{objective}.yaml"
-        if recipe.is_file() and recipe != default_config:
+        if same_loop and recipe.is_file() and recipe != default_config:
             print(
                 f"no --config given: starting from {recipe.name}, the sandbox recipe of objective {objective!r}",
                 file=sys.stderr,
@@ -42,7 +49,10 @@ def run_training(config_cls: type, trainer: str, default_config: Path, argv: lis
     ``trainer`` (``"module:Class"``): ``setup()``, ``train()``, ``evaluate()`` unless ``skip_eval``, ``export()``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
-        default_config = objective_recipe(argv, Path(default_config))
+        from .config import OnlineConfig
+
+        loop = "online" if issubclass(config_cls, OnlineConfig) else "offline_pairs"
+        default_config = objective_recipe(argv, Path(default_config), loop)
         if Path(default_config).is_file():
             argv = ["--config", str(default_config), *argv]
     cfg = parse_config(config_cls, argv)

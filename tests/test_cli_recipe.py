@@ -31,3 +31,13 @@ def test_pso_online_without_config_gets_its_own_beta_not_prdps():
     assert pso.beta == 50.0 and prdp.beta == 10.0
     inpo = parse_config(TrainConfig, ["--config", str(objective_recipe(["--objective", "inpo"], DPO))])
     assert inpo.objective == "inpo" and inpo.inversion_steps == 10
+
+
+def test_a_recipe_of_the_other_loop_is_not_taken():
+    """``train_online.py --objective dpo`` keeps PRDP's recipe, so its config error stays one line."""
+    assert objective_recipe(["--objective", "dpo"], PRDP, "online") == PRDP
+    assert objective_recipe(["--objective", "prdp"], DPO, "offline_pairs") == DPO
+    assert (
+        objective_recipe(["--objective", "pso_online"], PRDP, "online") == CONFIGS / "sandbox_pso_online.yaml"
+    )
+    assert objective_recipe(["--objective", "pso"], DPO, "offline_pairs") == CONFIGS / "sandbox_pso.yaml"
