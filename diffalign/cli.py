@@ -13,7 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from .config import parse_config
+from .config import OnlineConfig, parse_config
 from .errors import ConfigError, TrainingError
 
 
@@ -49,8 +49,6 @@ def run_training(config_cls: type, trainer: str, default_config: Path, argv: lis
     ``trainer`` (``"module:Class"``): ``setup()``, ``train()``, ``evaluate()`` unless ``skip_eval``, ``export()``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
-        from .config import OnlineConfig
-
         loop = "online" if issubclass(config_cls, OnlineConfig) else "offline_pairs"
         default_config = objective_recipe(argv, Path(default_config), loop)
         if Path(default_config).is_file():
