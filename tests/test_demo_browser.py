@@ -117,11 +117,34 @@ def page(server):
         browser.close()
 
 
+def _set_number(page, selector: str, value: str) -> None:
+    """Type ``value`` into a number box and make sure the page kept it.
+
+    Gradio mounts a tab's components when the tab is first shown; a value typed while the tab is still mounting can be
+    replaced by the component's default (a CI run generated 4 seeds after "2" was typed). So wait until the box is
+    visible, type, and read the value back after the change has settled, retyping if the page dropped it.
+    """
+    box = page.locator(selector)
+    box.wait_for(state="visible")
+    for _ in range(5):
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(300)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"{selector} does not keep the value {value!r} (it shows {box.input_value()!r})")
+
+
+def _show_tab(page, name: str, marker: str) -> None:
+    """Click a tab and wait until ``marker`` (an element inside it) is visible."""
+    page.get_by_role("tab", name=name).click()
+    page.locator(marker).wait_for(state="visible")
+
+
 def test_generate_shows_two_images_and_scores(page):
     assert page.locator("#prompt textarea").input_value() == PROMPT
     assert "aligned (lora)" in page.locator("#model-status").inner_text()
-    page.locator("#steps input[type=number]").fill("2")
-    page.locator("#steps input[type=number]").press("Enter")
+    _set_number(page, "#steps input[type=number]", "2")
     page.locator("#generate").click()
     base_img = page.locator("#base-image img")
     aligned_img = page.locator("#aligned-image img")
@@ -142,19 +165,21 @@ def test_generate_shows_two_images_and_scores(page):
 
 
 def test_gallery_tally(page):
-    page.get_by_role("tab", name="Gallery").click()
-    page.locator("#num-seeds input[type=number]").fill("2")
-    page.locator("#num-seeds input[type=number]").press("Enter")
-    page.locator("#generate-gallery").click()
-    tally = page.locator("#tally", has_text="win rate")
-    tally.wait_for()
-    assert "over 2 seed(s)" in tally.inner_text()
-    page.locator("#aligned-gallery img").nth(1).wait_for()
-    assert page.locator("#base-gallery img").count() == 2
-    page.get_by_role("tab", name="Side by side").click()
+    _show_tab(page, "Gallery", "#generate-gallery")
+    try:
+        _set_number(page, "#num-seeds input[type=number]", "2")
+        page.locator("#generate-gallery").click()
+        tally = page.locator("#tally", has_text="win rate")
+        tally.wait_for()
+        assert "over 2 seed(s)" in tally.inner_text()
+        page.locator("#aligned-gallery img").nth(1).wait_for()
+        assert page.locator("#base-gallery img").count() == 2
+    finally:  # the next test starts on the first tab even when this one fails
+        _show_tab(page, "Side by side", "#generate")
 
 
 def test_bad_input_shows_message(page):
+    _show_tab(page, "Side by side", "#generate")
     page.locator("#seed input").fill("-5")
     page.locator("#generate").click()
     msg = page.get_by_text("seed must be between 0 and 4294967295, got -5")
