@@ -147,7 +147,9 @@ class CommonConfig:
 
     # ---- evaluation at the end -------------------------------------------------------------------------------
     eval_split: str = _help(
-        "prompts for the final base-vs-aligned evaluation (Pick-a-Pic protocol)", "test_unique"
+        "prompts for the final base-vs-aligned evaluation (Pick-a-Pic protocol; for eval_prompts "
+        "'sandbox-grammar': test_unique or validation_unique, disjoint sets of eval_num_prompts captions)",
+        "test_unique",
     )
     eval_num_prompts: int | None = _help("limit the number of evaluation prompts (None: all)", None)
     eval_seeds: list[int] = _help("seeds per prompt, identical for base and aligned", [0, 1])
@@ -338,7 +340,7 @@ class OnlineConfig(CommonConfig):
     prompt_split: str = _help("split for Pick-a-Pic prompt sources", "train")
     eval_prompts: str | None = _help(
         "evaluation prompts: None = the eval_split of dataset; 'sandbox-grammar' = eval_num_prompts grammar "
-        "captions, excluded from the training prompts",
+        "captions of eval_split, excluded from the training prompts",
         None,
     )
 

@@ -81,6 +81,23 @@ def test_grammar_pool_of_10000_is_fast_and_disjoint_from_the_eval_prompts():
     assert "10000" in stream.describe() and "30240" in stream.describe()
 
 
+def test_grammar_validation_prompts_are_the_next_n_of_the_eval_order_and_disjoint_from_the_test_ones():
+    test = eval_prompt_set(GRAMMAR_SOURCE, 400)
+    validation = eval_prompt_set(GRAMMAR_SOURCE, 400, split="validation_unique")
+    both = grammar_prompts(800, seed=0, purpose="eval")
+    assert test == both[:400] == grammar_prompts(400, seed=0, purpose="eval")  # the test set is unchanged
+    assert validation == both[400:]
+    assert len(set(validation)) == 400 and set(validation).isdisjoint(test)
+    # training that evaluates on the validation prompts never draws them
+    stream = PromptStream(GRAMMAR_SOURCE, pool_size=5_000, exclude=validation)
+    assert set(stream.pool).isdisjoint(validation)
+    with pytest.raises(
+        ConfigError, match="test_unique, validation_unique, got eval_split 'validation'"
+    ) as err:
+        eval_prompt_set(GRAMMAR_SOURCE, 10, split="validation")
+    assert "\n" not in str(err.value)
+
+
 def test_unbounded_grammar_is_deterministic_stateless_and_never_gives_an_excluded_caption():
     held_out = eval_prompt_set(GRAMMAR_SOURCE, 300, seed=5)
     stream = PromptStream(GRAMMAR_SOURCE, seed=5, exclude=held_out)

@@ -74,6 +74,11 @@ _EVAL_SALT = 104729  # the grammar's caption order for evaluation prompts (purpo
 _EPOCH_SALT = 7927  # unbounded grammar: the draws of epoch e are keyed [seed, 7927, e]
 _PERM_SALT = 6151  # finite pools: permutation k is keyed [seed, 6151, k]
 
+_GRAMMAR_SPLITS = (
+    "test_unique",
+    "validation_unique",
+)  # eval_prompt_set: captions [0, n) and [n, 2n) of the eval order
+
 WORLD_DRAWS = 50_000
 """Draws from the world's caption distribution before a grammar order continues uniformly with the captions not yet
 drawn (50,000 draws, ~1 s, reach ~15,500 distinct captions; a pool of 10,000 needs ~21,000 draws)."""
@@ -397,8 +402,10 @@ class PromptStream:
 def eval_prompt_set(source: str, n: int | None, seed: int = 0, *, split: str = "test_unique") -> list[str]:
     """The held-out evaluation prompts of a source; pass them as ``exclude`` to the training :class:`PromptStream`.
 
-    - ``"sandbox-grammar"``: ``n`` distinct captions, ``grammar_prompts(n, seed, purpose="eval")`` (seed
-      derivation ``[seed, 104729]``, not the training pools' ``[seed, 7919]``); ``n`` is required.
+    - ``"sandbox-grammar"``: ``n`` distinct captions of ``grammar_prompts(2n, seed, purpose="eval")`` (seed
+      derivation ``[seed, 104729]``, not the training pools' ``[seed, 7919]``); ``n`` is required. ``split``
+      ``test_unique`` takes the first ``n`` of that order, ``validation_unique`` the next ``n`` (disjoint: tune on
+      these, report on the test ones).
     - a file or dataset: its first ``n`` unique prompts (``None``: all); for Pick-a-Pic-schema data, of ``split``
       (an evaluation split: ``test_unique``, ``validation_unique``).
 
@@ -413,7 +420,14 @@ def eval_prompt_set(source: str, n: int | None, seed: int = 0, *, split: str = "
                 f"{GRAMMAR_SOURCE} evaluation prompts need a number (eval_num_prompts): the grammar has "
                 f"{num_grammar_captions()} captions"
             )
-        return grammar_prompts(int(n), seed, purpose="eval")
+        n = int(n)
+        if split not in _GRAMMAR_SPLITS:
+            raise ConfigError(
+                f"{GRAMMAR_SOURCE} evaluation prompts have the splits {', '.join(_GRAMMAR_SPLITS)}, got eval_split "
+                f"{split!r}: give one of them"
+            )
+        offset = _GRAMMAR_SPLITS.index(split) * n
+        return grammar_prompts(offset + n, seed, purpose="eval")[offset:]
     prompts = _read_source(str(source), split).prompts
     if not prompts:
         raise ConfigError(f"{_label(str(source), split)} has no prompts: give a source with prompts")

@@ -105,7 +105,9 @@ class OnlineTrainer:
         # prompts first: a bad prompt source is reported before any model loads
         self.eval_prompts = None
         if cfg.eval_prompts:
-            self.eval_prompts = eval_prompt_set(cfg.eval_prompts, cfg.eval_num_prompts, seed=0)
+            self.eval_prompts = eval_prompt_set(
+                cfg.eval_prompts, cfg.eval_num_prompts, seed=0, split=cfg.eval_split
+            )
         self.stream = PromptStream(
             cfg.prompts, seed=cfg.seed, pool_size=cfg.prompt_pool_size, exclude=self.eval_prompts or (),
             split=cfg.prompt_split,
