@@ -52,6 +52,7 @@ def test_online_run_writes_eval_json_export_card_and_the_epoch_time_split(tmp_pa
     )
     result = json.loads((out / "eval.json").read_text())
     wr = result["win_rate"]
+    assert "sandbox-grammar test_unique (held out" in result["dataset"]  # the report names the split
     assert result["num_prompts"] == 6 and 0.0 <= wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"] <= 1.0
     assert {"overall", "prompt_following", "fidelity"} <= set(result["aspects"])
     rows = log_rows(out)

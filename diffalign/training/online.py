@@ -471,7 +471,10 @@ class OnlineTrainer:
     def evaluate(self) -> dict | None:
         source = None
         if self.eval_prompts is not None:
-            source = f"{self.cfg.eval_prompts} (held out from training, {len(self.eval_prompts)} prompts)"
+            split = f" {self.cfg.eval_split}" if self.cfg.eval_prompts == "sandbox-grammar" else ""
+            source = (
+                f"{self.cfg.eval_prompts}{split} (held out from training, {len(self.eval_prompts)} prompts)"
+            )
         return outputs.evaluate(self.run, prompts=self.eval_prompts, prompt_source=source)
 
     def export(self, metrics: dict | None = None) -> Path:
