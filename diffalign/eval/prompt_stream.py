@@ -74,10 +74,8 @@ _EVAL_SALT = 104729  # the grammar's caption order for evaluation prompts (purpo
 _EPOCH_SALT = 7927  # unbounded grammar: the draws of epoch e are keyed [seed, 7927, e]
 _PERM_SALT = 6151  # finite pools: permutation k is keyed [seed, 6151, k]
 
-_GRAMMAR_SPLITS = (
-    "test_unique",
-    "validation_unique",
-)  # eval_prompt_set: captions [0, n) and [n, 2n) of the eval order
+# eval_prompt_set's grammar splits: captions [0, n) and [n, 2n) of the eval order
+_GRAMMAR_SPLITS = ("test_unique", "validation_unique")
 
 WORLD_DRAWS = 50_000
 """Draws from the world's caption distribution before a grammar order continues uniformly with the captions not yet

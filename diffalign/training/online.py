@@ -34,6 +34,7 @@ from ..diffusion import noise as dn
 from ..diffusion import sampling as ds
 from ..diffusion.parts import pair_seed
 from ..errors import ConfigError
+from ..eval.prompt_stream import GRAMMAR_SOURCE, PromptStream, eval_prompt_set
 from ..models import conditioning as mc
 from ..models import pipeline as mp
 from ..objectives.inputs import TrajectoryLogProbs
@@ -99,8 +100,6 @@ class OnlineTrainer:
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from ..eval.prompt_stream import PromptStream, eval_prompt_set
-
         cfg = self.cfg
         # prompts first: a bad prompt source is reported before any model loads
         self.eval_prompts = None
@@ -471,7 +470,7 @@ class OnlineTrainer:
     def evaluate(self) -> dict | None:
         source = None
         if self.eval_prompts is not None:
-            split = f" {self.cfg.eval_split}" if self.cfg.eval_prompts == "sandbox-grammar" else ""
+            split = f" {self.cfg.eval_split}" if self.cfg.eval_prompts == GRAMMAR_SOURCE else ""
             source = (
                 f"{self.cfg.eval_prompts}{split} (held out from training, {len(self.eval_prompts)} prompts)"
             )
