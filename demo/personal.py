@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from demo.core import InputError, Request
+from diffalign.data.ppd_questionnaire import axis_values
 from diffalign.errors import ConfigError
 from diffalign.sandbox import REPO_ROOT
-from diffalign.sandbox.user_population import AXES, COMPONENT_NAMES, OPPOSED_AXES, SIGNED_AXES, PopulationUser
+from diffalign.sandbox.user_population import AXES, PopulationUser
 
 DEFAULT_PPD_RUN = REPO_ROOT / "outputs" / "ppd-sandbox"
 DEFAULT_PPD_DATA = "sandbox-ppd"
@@ -58,7 +59,6 @@ AXIS_WORDS: dict[str, tuple[str, str]] = {
     "outlined": ("outlined shapes", "plain shapes"),
 }
 MIN_AXIS = 0.05  # of sum |a| = 1: axes below this are noise, not worth a word
-_INDEX = {name: i for i, name in enumerate(COMPONENT_NAMES)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,30 +92,6 @@ def ppd_status(run_dir: str | Path) -> tuple[bool, str]:
 # Users and their pairs
 
 
-def axis_values(values: np.ndarray) -> np.ndarray:
-    """Nine component values or weights (``COMPONENT_NAMES`` order, ``[..., 9]``) → the six signed axes
-    (``AXES`` order, ``[..., 6]``): ``large − small`` etc. for an opposed pair, the component itself otherwise."""
-    values = np.asarray(values, dtype=np.float64)
-    cols = []
-    for a in AXES:
-        if a in OPPOSED_AXES:
-            pos, neg = OPPOSED_AXES[a]
-            cols.append(values[..., _INDEX[pos]] - values[..., _INDEX[neg]])
-        else:
-            cols.append(values[..., _INDEX[SIGNED_AXES[a]]])
-    return np.stack(cols, axis=-1)
-
-
-def _open_axes(mask: np.ndarray) -> np.ndarray:
-    """``[B, 9]`` bool "component open" (:func:`~diffalign.sandbox.user_population.open_mask`) → ``[B, 6]`` bool per
-    axis: an opposed axis is open when either of its ends is."""
-    cols = []
-    for a in AXES:
-        ends = OPPOSED_AXES.get(a, (SIGNED_AXES.get(a),) * 2)
-        cols.append(mask[:, _INDEX[ends[0]]] | mask[:, _INDEX[ends[1]]])
-    return np.stack(cols, axis=-1)
-
-
 def describe_user(user: PopulationUser, max_axes: int = 3) -> str:
     """A short reading of a user's taste from their weights, strongest axis first: ``"likes large objects, dark
     backgrounds, warm colours"``, so a visitor can guess what the personalised image should move towards. A weak
@@ -147,57 +123,29 @@ class QuestionPair:
 
 
 def question_pairs(data_dir: str | Path, n: int = NUM_PAIRS) -> list[QuestionPair]:
-    """``n`` fixed pairs of the build's ``context`` split, one per taste axis (``AXES`` order): for each axis the
-    distinct pair whose images differ most on it, less how much the judge's ``overall`` differs between them, among
-    the pairs whose caption leaves the axis open and whose two images both show an object and are both in the better
-    half by the judge (a pair with a broken or empty image asks about the defect, not about taste); looser when no
-    pair qualifies. Deterministic for a given build, so every visitor sees the same 4 pairs; the encoder was trained
-    on pairs of exactly this kind."""
+    """``n`` fixed pairs of the build's ``context`` split, one per taste axis (``AXES`` order), by the rule of
+    :func:`diffalign.data.ppd_questionnaire.select_questions` (the pair that differs most on the axis, less how much
+    the judge's ``overall`` differs, among pairs whose caption leaves the axis open and whose two images are both
+    good): the questions every user of the build answers in its ``questionnaire`` split, which
+    ``configs/sandbox_ppd_questionnaire.yaml`` trains and evaluates on. Deterministic for a given build, so every
+    visitor sees the same 4 pairs."""
     import pyarrow.parquet as pq
 
-    from diffalign.data.pickapic_rows import decode_jpeg
     from diffalign.data.ppd import CONTEXT_SPLIT
+    from diffalign.data.ppd_questionnaire import distinct_pairs, select_questions
     from diffalign.data.schema import split_path
     from diffalign.eval.personal import resolve_ppd_dir
-    from diffalign.sandbox.judge import Judge, analyze, parse_prompts
-    from diffalign.sandbox.user_population import component_values, open_mask
 
     path = split_path(resolve_ppd_dir(data_dir), CONTEXT_SPLIT)
     columns = ["caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid"]
-    rows, seen = [], set()
-    for r in pq.read_table(path, columns=columns).to_pylist():  # each source pair once (users share pairs)
-        if (key := (r["image_0_uid"], r["image_1_uid"])) not in seen:
-            seen.add(key)
-            rows.append(r)
+    table = pq.read_table(path, columns=columns).to_pylist()
+    rows = [table[i] for i in distinct_pairs(table)]  # each source pair once (users share pairs)
     if len(rows) < n:
         raise ConfigError(f"{path} has {len(rows)} distinct pairs; {n} are needed for the questions")
-    specs = parse_prompts([r["caption"] for r in rows], len(rows))
-    scored = []
-    for key in ("jpg_0", "jpg_1"):
-        analyses = [analyze(decode_jpeg(r[key])) for r in rows]
-        values, has_object = component_values(analyses)
-        overall = np.asarray(Judge().score_analyses(analyses, specs)["overall"], dtype=np.float64)
-        scored.append((axis_values(values), has_object, overall))
-    (ax0, obj0, ov0), (ax1, obj1, ov1) = scored
-    # Good questions: both images show an object and both are in the better half by the judge (worse of the two),
-    # so a visitor compares looks, not a broken or empty image against a good one.
-    worse = np.minimum(ov0, ov1)
-    good = obj0 & obj1 & (worse >= np.median(worse))
-    opened = _open_axes(open_mask(specs))  # [rows, axes]: the caption leaves the axis open
-    gain = np.abs(ax0 - ax1) - np.abs(ov0 - ov1)[:, None]  # [rows, axes]
-    picked: list[int] = []
-    out = []
-    for j in range(n):
-        a = j % len(AXES)
-        merit = np.where(opened[:, a] & good, gain[:, a], -np.inf)
-        merit = np.where(
-            np.isfinite(merit), merit, np.where(opened[:, a], gain[:, a] - 10.0, -20.0)
-        )  # fallbacks
-        free = [i for i in np.argsort(-merit, kind="stable") if i not in picked]
-        i = int(free[0])
-        picked.append(i)
-        out.append(QuestionPair(rows[i]["caption"], rows[i]["jpg_0"], rows[i]["jpg_1"], AXES[a]))
-    return out
+    return [
+        QuestionPair(rows[i]["caption"], rows[i]["jpg_0"], rows[i]["jpg_1"], axis)
+        for i, axis in select_questions(rows, n)
+    ]
 
 
 def pairs_for_answers(

@@ -30,6 +30,15 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
     p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
 
 
+def _run_context_split(run_dir: Path) -> str:
+    """The run's ``user_context_split`` (its ``config.json``), or ``"context"`` when it has none."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "context"
+    return cfg.get("user_context_split") or cfg.get("params", {}).get("user_context_split") or "context"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _flag(p, "run_dir", required=True, help="the PPD run: lora/, user_attention.safetensors, user_encoder/")
@@ -37,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(p, "data", default="sandbox-ppd", help="a sandbox-ppd build directory, or the name 'sandbox-ppd'")
     _flag(p, "against", default=None, help="a generic run (its lora/) to compare the personalised model with")
     _flag(p, "k", type=int, default=4, help="context pairs per user for its embedding (default 4)")
+    _flag(p, "context_split", default=None,
+          help="split the unseen users' context pairs come from: 'context' or 'questionnaire' (default: the run's "
+          "user_context_split from its config.json, else 'context')")  # fmt: skip
     _flag(p, "seeds", type=int, nargs="+", default=[0], help="sampling seeds per prompt (default 0)")
     _flag(p, "steps", type=int, default=20, help="sampling steps (default 20)")
     _flag(p, "guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
@@ -65,18 +77,21 @@ def main(argv: list[str] | None = None) -> dict:
     pipe, encoder = personal.load_personalized(args.model, args.run_dir, device=device)
     against = personal.load_generic(args.model, args.against, device=device) if args.against else None
     gen = {"steps": args.steps, "guidance": args.guidance}
+    split = args.context_split or _run_context_split(Path(args.run_dir))
 
     result = personal.evaluate_personal(
         pipe, encoder, data, user_ids=user_ids, k=args.k, seeds=args.seeds, batch_size=args.batch_size,
-        output_dir=out, against=against, user_scale=args.user_scale, num_prompts=args.num_prompts, **gen,
+        output_dir=out, against=against, user_scale=args.user_scale, num_prompts=args.num_prompts,
+        context_split=split, **gen,
     )  # fmt: skip
     print(personal.format_personal(result))
     print(personal.per_user_markdown(result))
 
-    retrieval = personal.user_retrieval(encoder, data, user_ids=user_ids, k=args.k)
+    retrieval = personal.user_retrieval(encoder, data, user_ids=user_ids, k=args.k, splits=(split, "context"))
     (out / "retrieval.json").write_text(json.dumps(retrieval, indent=2), encoding="utf-8")
+    second = f"{args.k}..{2 * args.k - 1}" if split == "context" else f"context pairs 0..{args.k - 1}"
     print(
-        f"user retrieval (pairs 0..{args.k - 1} vs {args.k}..{2 * args.k - 1}, {retrieval['num_users']} users): "
+        f"user retrieval ({split} pairs 0..{args.k - 1} vs {second}, {retrieval['num_users']} users): "
         f"top-1 {retrieval['top1_accuracy']:.3f} (chance {retrieval['chance']:.3f}); cosine same user "
         f"{retrieval['same_user_cosine']:.3f}, different users {retrieval['different_user_cosine']:.3f}"
     )
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--interpolate {a} {b}: both must be unseen users of {data} (e.g. {unseen[:4]})"
             )
         prompts = list(dict.fromkeys(prompts_of[a] + prompts_of[b]))[: args.num_prompts]
-        ta, tb = (personal.user_tokens(encoder, data, u, args.k) for u in (a, b))
+        ta, tb = (personal.user_tokens(encoder, data, u, args.k, split=split) for u in (a, b))
         curve = personal.interpolation_curve(
             pipe, ta, tb, users[a], users[b], prompts, seeds=args.seeds, batch_size=args.batch_size,
             user_scale=args.user_scale, **gen,

@@ -99,6 +99,45 @@ def test_context_pairs_are_other_pairs_of_the_same_user_and_redrawn_each_epoch(p
     assert cond.context_rows(8, 0).tolist() == []  # no other pair: no context
 
 
+def test_context_from_another_split_takes_the_users_rows_there():
+    """``user_context_split`` (a questionnaire): a pair's context is its user's rows of that split — all of them
+    when there are at most k, else k drawn per (seed, epoch, pair); the pair's own index is not excluded (it indexes
+    another table)."""
+    from types import SimpleNamespace
+
+    from diffalign.training.user_conditioning import UserConditioning
+
+    train_users = np.array([7, 7, 9, 3])
+    quiz_rows = {7: np.array([0, 1, 2, 3]), 9: np.array([4, 5, 6, 7, 8, 9])}
+    params = SimpleNamespace(user_context_pairs=4, user_context_split="questionnaire")
+    cond = UserConditioning(None, None, None, torch.zeros(10, 5), train_users, quiz_rows, params, seed=0)
+    assert cond.context_rows(0, epoch=0).tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]  # row 0 of the questionnaire is not "itself"
+    assert cond.context_rows(1, epoch=5).tolist() == [0, 1, 2, 3]
+    got = cond.context_rows(2, epoch=0)
+    assert len(got) == 4 and set(got) <= set(range(4, 10))
+    assert cond.context_rows(3, epoch=0).tolist() == []  # a user without answers: zero tokens
+
+
+def test_ppd_with_the_questionnaire_as_context(ppd_data, tmp_path):
+    """The run reads every user's answers (240 users x 4 questions of the build) as context and trains; a split the
+    data lacks is one line naming the field."""
+    out = tmp_path / "quiz"
+    proc = run_script(_args(ppd_data, out, "--max_train_steps", "2", "--user_context_split", "questionnaire"),
+                      timeout=900)  # fmt: skip
+    assert "featurising 960 decided pairs of 240 users" in proc.stdout + proc.stderr
+    assert json.loads((out / "config.json").read_text())["user_context_split"] == "questionnaire"
+    assert len(losses(out)) == 2
+    bad = run_script(
+        _args(ppd_data, tmp_path / "bad", "--user_context_split", "nope"), timeout=900, check=False
+    )
+    assert bad.returncode == 2 and "user_context_split='nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_tokens_come_from_the_projector_of_the_drawn_context_and_are_zero_without_context():
     from types import SimpleNamespace
 

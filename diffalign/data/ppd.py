@@ -19,6 +19,8 @@ Layout (``out_dir``; every ``data/`` split has exactly the Pick-a-Pic v2 columns
 
     data/train-00000-of-00001.parquet              every decided source train pair x ``users_per_pair`` TRAIN users
     data/context-00000-of-00001.parquet            a few pairs per UNSEEN user (from the source ``validation`` split)
+    data/questionnaire-00000-of-00001.parquet      EVERY user answering the same few questions, chosen among the
+                                                   context split's pairs, one taste axis each (ppd_questionnaire.py)
     data/validation_unique-00000-of-00001.parquet  byte copies of the shipped splits (generic evaluation prompts;
     data/test_unique-00000-of-00001.parquet        their labels are the shipped hand-made users' 1..4)
     test_users.json      per unseen user: captions of the source ``test_unique`` split (no images, so not a split)
@@ -118,6 +120,7 @@ NAMED_BUILD: dict[str, Any] = {}
 
 _CODE_MODULES = (
     "diffalign.data.ppd",
+    "diffalign.data.ppd_questionnaire",
     "diffalign.data.labelling",
     "diffalign.data.pickapic_rows",
     "diffalign.data.schema",
@@ -406,6 +409,7 @@ def build_ppd_data(
     users_per_pair: int = 2,
     context_pairs_per_unseen_user: int = 8,
     test_prompts_per_unseen_user: int = 8,
+    questions: int = 4,
     max_source_pairs: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -432,8 +436,10 @@ def build_ppd_data(
         raise ValueError(
             f"users_per_pair must be in [1, {len(train_ids)}] (the train users), got {users_per_pair}"
         )
-    if context_pairs_per_unseen_user < 1 or test_prompts_per_unseen_user < 1:
-        raise ValueError("context_pairs_per_unseen_user and test_prompts_per_unseen_user must be >= 1")
+    if min(context_pairs_per_unseen_user, test_prompts_per_unseen_user, questions) < 1:
+        raise ValueError(
+            "context_pairs_per_unseen_user, test_prompts_per_unseen_user and questions must be >= 1"
+        )
     temperature, tie_margin, convention = _labelling_convention(source_dir)
 
     train, train_info = _train_rows(
@@ -456,6 +462,17 @@ def build_ppd_data(
         tie_margin,
         progress,
     )
+    from .ppd_questionnaire import QUESTIONNAIRE_SPLIT, questionnaire_rows
+
+    quiz, quiz_info = questionnaire_rows(
+        context,
+        by_id,
+        [*train_ids, *unseen_ids],
+        seed=seed,
+        n=questions,
+        temperature=temperature,
+        progress=progress,
+    )  # every user answers the same pairs (diffalign/data/ppd_questionnaire.py)
     test_captions = [r["caption"] for r in _read_rows(source_dir, TEST_PROMPT_SOURCE_SPLIT, max_source_pairs)]
     test_rows, test_info = _test_users(test_captions, by_id, unseen_ids, seed, test_prompts_per_unseen_user)
 
@@ -465,9 +482,11 @@ def build_ppd_data(
         for f in source_files
     )
     next_id = _number(train, first_id)
-    _number(context, next_id)
+    next_id = _number(context, next_id)
+    _number(quiz, next_id)
     write_pickapic_split(train, out_dir, TRAIN_SPLIT)
     write_pickapic_split(context, out_dir, CONTEXT_SPLIT)
+    write_pickapic_split(quiz, out_dir, QUESTIONNAIRE_SPLIT)
     copied: dict[str, Any] = {}
     for split in COPIED_SPLITS:
         src = split_path(source_dir, split)
@@ -486,6 +505,7 @@ def build_ppd_data(
         "users_per_pair": users_per_pair,
         "context_pairs_per_unseen_user": context_pairs_per_unseen_user,
         "test_prompts_per_unseen_user": test_prompts_per_unseen_user,
+        "questions": questions,
         "max_source_pairs": max_source_pairs,
         "labelling": {"temperature": temperature, "tie_margin": tie_margin, "from": convention},
         "users": {
@@ -498,8 +518,14 @@ def build_ppd_data(
                 for s, ids in (("train", train_ids), ("unseen", unseen_ids))
             },
         },
-        "splits": {TRAIN_SPLIT: train_info, CONTEXT_SPLIT: context_info, "test_users": test_info, **copied},
-        "ranking_ids": {"first": first_id, "last": first_id + len(train) + len(context) - 1},
+        "splits": {
+            TRAIN_SPLIT: train_info,
+            CONTEXT_SPLIT: context_info,
+            QUESTIONNAIRE_SPLIT: quiz_info,
+            "test_users": test_info,
+            **copied,
+        },  # fmt: skip
+        "ranking_ids": {"first": first_id, "last": first_id + len(train) + len(context) + len(quiz) - 1},
         "source": {
             "dir": str(source_dir),
             "sha256": {str(f.relative_to(source_dir)): _sha256(f) for f in hashed if f.is_file()},
@@ -601,11 +627,14 @@ def _data_dir(data_dir: str | Path) -> Path:
     return Path(data_dir)
 
 
-def load_context_pairs(data_dir: str | Path, user_id: int) -> list[dict[str, Any]]:
+def load_context_pairs(
+    data_dir: str | Path, user_id: int, split: str = CONTEXT_SPLIT
+) -> list[dict[str, Any]]:
     """The context pairs of one (unseen) user, in build order: ``{"caption", "preferred", "rejected"`` (JPEG bytes),
-    ``"ranking_id"}``: the few examples a new user gives, to infer their embedding from."""
+    ``"ranking_id"}``: the few examples a new user gives, to infer their embedding from (``split``: ``context``, or
+    ``questionnaire`` for the user's answers to the build's fixed questions)."""
     table = pq.read_table(
-        split_path(_data_dir(data_dir), CONTEXT_SPLIT),
+        split_path(_data_dir(data_dir), split),
         columns=["caption", "jpg_0", "jpg_1", "label_0", "ranking_id", "user_id"],
         filters=[("user_id", "=", int(user_id))],
     )

@@ -46,7 +46,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.ppd import DATASET_NAME, ensure_ppd_data, load_context_pairs, load_test_prompts, load_users
+from ..data.ppd import (
+    CONTEXT_SPLIT,
+    DATASET_NAME,
+    ensure_ppd_data,
+    load_context_pairs,
+    load_test_prompts,
+    load_users,
+)
 from ..errors import ConfigError
 from ..sandbox.judge import Judge, analyze, parse_prompts
 from ..sandbox.user_population import COMPONENT_NAMES, PopulationUser
@@ -154,12 +161,14 @@ def load_generic(
     return _pipeline(model_path, _lora_dir(_require(Path(run_dir), "run directory")), device, dtype)
 
 
-def user_tokens(encoder: Any, data_dir: str | Path, user_id: int, k: int, start: int = 0) -> torch.Tensor:
-    """``[N, D]`` tokens of context pairs ``start .. start + k - 1`` of one user (no gradient)."""
-    pairs = load_context_pairs(data_dir, user_id)
+def user_tokens(
+    encoder: Any, data_dir: str | Path, user_id: int, k: int, start: int = 0, split: str = CONTEXT_SPLIT
+) -> torch.Tensor:
+    """``[N, D]`` tokens of pairs ``start .. start + k - 1`` of one user in ``split`` (no gradient)."""
+    pairs = load_context_pairs(data_dir, user_id, split)
     if len(pairs) < start + k:
         raise ConfigError(
-            f"user {user_id} has {len(pairs)} context pairs in {data_dir}; {start + k} are needed"
+            f"user {user_id} has {len(pairs)} pairs in the {split!r} split of {data_dir}; {start + k} are needed"
         )
     with torch.no_grad():
         return encoder.embed(
@@ -314,6 +323,7 @@ def evaluate_personal(
     against_images: dict | None = None,
     filename: str = "eval.json",
     grid_users: int = 4,
+    context_split: str = CONTEXT_SPLIT,
 ) -> dict[str, Any]:
     """Personalised vs base (and vs ``against``) for each unseen user on its own captions, scored by that user
     (module docstring: protocol and JSON layout). ``user_ids``: default every unseen user of the build;
@@ -334,7 +344,7 @@ def evaluate_personal(
     rows: list[tuple[int, str, int]] = []
     tokens: dict[int, torch.Tensor] = {}
     for uid in ids:
-        tokens[uid] = user_tokens(encoder, data_dir, uid, k)
+        tokens[uid] = user_tokens(encoder, data_dir, uid, k, split=context_split)
         ps, ss = expand_prompts(prompts_of[uid][:num_prompts] if num_prompts else prompts_of[uid], seeds)
         rows += [(uid, p, s) for p, s in zip(ps, ss, strict=True)]
     gen = {"steps": steps, "guidance": guidance, "batch_size": batch_size}
@@ -362,7 +372,7 @@ def evaluate_personal(
     result = _comparison(scores["personalized"], scores["base"], rows, users)
     result.update(
         reward=REWARD_NAME, seeds_per_prompt=len(seeds), dataset=str(data_dir), split="test_users", k=int(k),
-        user_scale=float(user_scale), user_ids=ids, num_users=len(ids), steps=steps, guidance=guidance, seeds=seeds,
+        context_split=context_split, user_scale=float(user_scale), user_ids=ids, num_users=len(ids), steps=steps, guidance=guidance, seeds=seeds,
         encoder=_describe_encoder(encoder),
     )  # fmt: skip
     if against is not None:
@@ -465,23 +475,37 @@ def format_personal(result: Mapping[str, Any]) -> str:
 
 
 def user_retrieval(
-    encoder: Any, data_dir: str | Path, user_ids: Sequence[int] | None = None, k: int = 4
+    encoder: Any,
+    data_dir: str | Path,
+    user_ids: Sequence[int] | None = None,
+    k: int = 4,
+    splits: tuple[str, str] = (CONTEXT_SPLIT, CONTEXT_SPLIT),
 ) -> dict[str, Any]:
-    """Does the encoder tell users apart? Each user is embedded twice, from its context pairs ``0..k-1`` and
-    ``k..2k-1`` (disjoint); a user is retrieved when the nearest second-set embedding (cosine over the flattened
-    tokens) to its first-set embedding is its own. Chance is ``1 / num_users``."""
+    """Does the encoder tell users apart? Each user is embedded twice, from its pairs ``0..k-1`` of ``splits[0]``
+    and from pairs of ``splits[1]`` (``k..2k-1`` when it is the same split, so the two sets are disjoint; else
+    ``0..k-1``); a user is retrieved when the nearest second-set embedding (cosine over the flattened tokens) to its
+    first-set embedding is its own. Chance is ``1 / num_users``."""
     data_dir = resolve_ppd_dir(data_dir)
     ids = unseen_user_ids(data_dir) if user_ids is None else [int(u) for u in user_ids]
     if len(ids) < 2:
         raise ConfigError(f"retrieval needs at least two users, got {ids}")
-    first = torch.stack([user_tokens(encoder, data_dir, u, k).flatten().float().cpu() for u in ids])
-    second = torch.stack([user_tokens(encoder, data_dir, u, k, start=k).flatten().float().cpu() for u in ids])
+    start = k if splits[0] == splits[1] else 0
+    first = torch.stack(
+        [user_tokens(encoder, data_dir, u, k, split=splits[0]).flatten().float().cpu() for u in ids]
+    )
+    second = torch.stack(
+        [
+            user_tokens(encoder, data_dir, u, k, start=start, split=splits[1]).flatten().float().cpu()
+            for u in ids
+        ]
+    )
     sim = torch.nn.functional.normalize(first, dim=1) @ torch.nn.functional.normalize(second, dim=1).T
     nearest = sim.argmax(dim=1)
     hit = nearest == torch.arange(len(ids))
     off = ~torch.eye(len(ids), dtype=torch.bool)
     return {
         "k": int(k),
+        "splits": list(splits),
         "num_users": len(ids),
         "user_ids": ids,
         "top1_accuracy": float(hit.float().mean()),

@@ -12,7 +12,9 @@ margin measures how much the personalised model moves towards *this user's* winn
 Trained: the LoRA (or the full UNet), the user branch's key/value projections and the projector; frozen: the pair
 encoder (features computed once per run). The context pairs of a training pair are drawn from the generator of
 (seed, epoch, pair), so a resumed run draws the same (:mod:`diffalign.training.user_conditioning`). At inference, k
-pairs of an unseen user give its tokens (``scripts/eval_ppd.py``).
+pairs of an unseen user give its tokens (``scripts/eval_ppd.py``). ``user_context_split: questionnaire`` takes the
+context from a split where every user answers the same few questions instead (:mod:`diffalign.data.ppd_questionnaire`):
+then training and evaluation read a user from the same kind of pairs as the demo asks a visitor.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class PPDParams(DPOParams):
     )
     user_context_pairs: int = field(
         default=4, metadata={"help": "k: other pairs of the same user that make a pair's user embedding"}
+    )
+    user_context_split: str = field(
+        default="",
+        metadata={
+            "help": "where a pair's context comes from: '' = k other pairs of its user in the training split (the "
+            "paper); a split name (e.g. 'questionnaire') = k of its user's rows in that split of the same dataset, "
+            "which evaluation then also reads for unseen users"
+        },
     )
     user_tokens: int = field(default=4, metadata={"help": "N: user tokens per embedding"})
     user_projector_hidden: int = field(default=256, metadata={"help": "hidden width of the projector"})

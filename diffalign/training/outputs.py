@@ -255,6 +255,7 @@ def evaluate_personal(run: Run, user_conditioning) -> dict | None:
             inference_pipeline(run), user_conditioning.encoder(), data_dir, user_ids=ids,
             k=p.user_context_pairs, seeds=cfg.eval_seeds, steps=cfg.eval_steps, guidance=cfg.eval_guidance,
             batch_size=cfg.eval_batch_size, output_dir=run.output_dir, user_scale=p.user_scale,
+            **({"context_split": p.user_context_split} if p.user_context_split else {}),
         )  # fmt: skip
         print(format_personal(result))
         print(

@@ -12,7 +12,9 @@ Set-up (:meth:`UserConditioning.build`, before the optimizer is built):
 
 Per micro-batch (:meth:`UserConditioning.tokens`): for each pair (source row ``r`` of user ``u``), ``k`` other decided
 pairs of ``u`` are drawn without replacement from the generator of (seed, epoch, r) — so a resumed run draws the
-same — and the projector maps their features to the pair's ``N`` user tokens. A user with fewer than ``k`` other
+same — and the projector maps their features to the pair's ``N`` user tokens. With ``user_context_split`` set
+(e.g. ``questionnaire``), the ``k`` come from ``u``'s decided rows of that split instead (all of them when it has
+``k`` or fewer). A user with fewer than ``k`` other
 pairs gets the ones there are (masked); one with none gets zero tokens (the user branch then adds nothing). The
 tokens go to the policy's UNet call only; the reference (LoRA off, no tokens) is the base model.
 """
@@ -53,11 +55,12 @@ class UserConditioning:
     def __init__(self, unet, projector, featurizer, features: torch.Tensor, row_users: np.ndarray,
                  user_rows: dict[int, np.ndarray], params: Any, seed: int):  # fmt: skip
         self.unet, self.projector, self.featurizer = unet, projector, featurizer
-        self.features = features  # [num source rows, F]; rows that are not decided pairs hold zeros
+        self.features = features  # [rows of the context split, F]; rows that are not decided pairs hold zeros
         self.row_users = row_users  # [num source rows] user id per source row
-        self.user_rows = user_rows  # user id -> decided source rows of that user (sorted)
+        self.user_rows = user_rows  # user id -> decided context-split rows of that user (sorted)
         self.params, self.seed = params, seed
         self.k = params.user_context_pairs
+        self.separate = bool(getattr(params, "user_context_split", ""))  # context rows are of another split
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     @classmethod
@@ -78,13 +81,25 @@ class UserConditioning:
                 f"split {cfg.split!r} lacks {missing}"
             )
         users = np.asarray(data["user_id"], dtype=np.int64)
+        # the context may come from another split of the same data (a questionnaire)
+        if params.user_context_split:
+            try:
+                data = load_pickapic_split(resolve_dataset(cfg.dataset), params.user_context_split)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(
+                    f"config field user_context_split={params.user_context_split!r}: dataset {cfg.dataset!r} has "
+                    f"no such split ({err}); use '' (the training split) or a split the data has"
+                ) from None
+            if "user_id" not in data.column_names:
+                raise ConfigError(f"user_context_split {params.user_context_split!r} has no user_id column")
+        context_users = np.asarray(data["user_id"], dtype=np.int64)
         labels = np.asarray(data["label_0"], dtype=np.float64)
         decided = np.flatnonzero(np.abs(labels - 0.5) > 1e-6)  # ties carry no direction: never context
         user_rows: dict[int, list[int]] = {}
         for r in decided.tolist():
-            user_rows.setdefault(int(users[r]), []).append(r)
+            user_rows.setdefault(int(context_users[r]), []).append(r)
         per_user = np.array([len(v) for v in user_rows.values()]) if user_rows else np.zeros(1)
-        if per_user.max() < 2:
+        if per_user.max() < (1 if params.user_context_split else 2):
             raise ConfigError(
                 f"objective ppd: dataset {cfg.dataset!r} split {cfg.split!r} has no user with 2 or more decided "
                 "pairs, so no pair has context from its user: use data with several pairs per user_id"
@@ -114,6 +129,10 @@ class UserConditioning:
             proc.to(dtype=torch.float32)
         unet.add_module("user_projector", projector)
         rows = {u: np.asarray(v, dtype=np.int64) for u, v in user_rows.items()}
+        without = len(set(users.tolist()) - set(rows))
+        if params.user_context_split and without:
+            acc.print(f"user conditioning: {without} training users have no rows in {params.user_context_split!r} "
+                      "(their pairs train with zero user tokens)")  # fmt: skip
         out = cls(unet, projector, featurizer, features, users, rows, params, cfg.seed)
         acc.register_for_checkpointing(out)
         return out
@@ -124,7 +143,7 @@ class UserConditioning:
         rows = self.user_rows.get(int(self.row_users[index]))
         if rows is None:
             return np.zeros(0, dtype=np.int64)
-        others = rows[rows != index]
+        others = rows if self.separate else rows[rows != index]  # another split: all of the user's rows
         if len(others) <= self.k:
             return others
         g = torch.Generator().manual_seed(pair_seed(self.seed, epoch, int(index)) ^ CONTEXT_STREAM)
