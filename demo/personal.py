@@ -167,14 +167,17 @@ def pairs_for_answers(
     return out
 
 
-def sandbox_user_pairs(data_dir: str | Path, user_id: int, k: int = NUM_PAIRS) -> list[tuple[str, Any, Any]]:
-    """A sandbox user's first ``k`` context pairs ``(caption, preferred, rejected)``: the pairs the run's own
-    per-user evaluation embeds (:func:`diffalign.eval.personal.user_tokens`), so the page shows what it measured."""
+def sandbox_user_pairs(
+    data_dir: str | Path, user_id: int, k: int = NUM_PAIRS, split: str = "context"
+) -> list[tuple[str, Any, Any]]:
+    """A sandbox user's first ``k`` pairs ``(caption, preferred, rejected)`` of ``split`` (the run's context split:
+    its random ``context`` pairs, or its ``questionnaire`` answers): the pairs the run's own per-user evaluation
+    embeds (:func:`diffalign.eval.personal.user_tokens`), so the page shows what it measured."""
     from diffalign.data.ppd import load_context_pairs
 
-    pairs = load_context_pairs(data_dir, int(user_id))
+    pairs = load_context_pairs(data_dir, int(user_id), split)
     if len(pairs) < k:
-        raise ConfigError(f"user {user_id} has {len(pairs)} context pairs in {data_dir}; {k} are needed")
+        raise ConfigError(f"user {user_id} has {len(pairs)} {split} pairs in {data_dir}; {k} are needed")
     return [(p["caption"], p["preferred"], p["rejected"]) for p in pairs[:k]]
 
 
@@ -339,7 +342,10 @@ class PersonalEngine:
             raise InputError("pick a sandbox user from the list") from None
         if uid not in self.users():
             raise InputError(f"user {uid} is not one of the {len(self.users())} unseen users of the data")
-        return sandbox_user_pairs(self.data_dir(), uid, self.config.k), self.users()[uid]
+        from diffalign.eval.personal import run_context_split
+
+        split = run_context_split(self.config.run_dir)
+        return sandbox_user_pairs(self.data_dir(), uid, self.config.k, split), self.users()[uid]
 
     def run(self, source: str, user_id: Any, answers: Sequence[str | None], req: Request) -> PersonalResult:
         """Base and personalised images of ``req``'s prompt and first seed (``req`` checked by

@@ -30,15 +30,6 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
     p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
 
 
-def _run_context_split(run_dir: Path) -> str:
-    """The run's ``user_context_split`` (its ``config.json``), or ``"context"`` when it has none."""
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "context"
-    return cfg.get("user_context_split") or cfg.get("params", {}).get("user_context_split") or "context"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _flag(p, "run_dir", required=True, help="the PPD run: lora/, user_attention.safetensors, user_encoder/")
@@ -77,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe, encoder = personal.load_personalized(args.model, args.run_dir, device=device)
     against = personal.load_generic(args.model, args.against, device=device) if args.against else None
     gen = {"steps": args.steps, "guidance": args.guidance}
-    split = args.context_split or _run_context_split(Path(args.run_dir))
+    split = args.context_split or personal.run_context_split(args.run_dir)
 
     result = personal.evaluate_personal(
         pipe, encoder, data, user_ids=user_ids, k=args.k, seeds=args.seeds, batch_size=args.batch_size,

@@ -255,3 +255,31 @@ def test_script_end_to_end(world, tmp_path, capsys):
     assert summary["retrieval"]["num_users"] == 2 and len(summary["interpolation"]["points"]) == 5
     text = capsys.readouterr().out
     assert "win rate" in text and "user retrieval" in text and "interpolation" in text
+
+
+def test_questionnaire_context_split(world, random_pipe, tmp_path):
+    """A run trained with ``user_context_split: questionnaire`` is evaluated on the unseen users' answers: the split
+    is read from the run's config.json; tokens are the encoder's embedding of those 4 answers; retrieval can compare
+    them with the random context pairs; a split without enough rows is a one-line error naming it."""
+    from diffalign.data.ppd_questionnaire import QUESTIONNAIRE_SPLIT
+
+    assert (
+        personal.run_context_split(world["runs"]["random"]) == "context"
+    )  # no config.json: the paper's pairs
+    (tmp_path / "config.json").write_text(json.dumps({"user_context_split": QUESTIONNAIRE_SPLIT}))
+    assert personal.run_context_split(tmp_path) == QUESTIONNAIRE_SPLIT
+    encoder, uid = random_pipe[1], world["users"][0]
+    pairs = load_context_pairs(world["data"], uid, QUESTIONNAIRE_SPLIT)
+    assert len(pairs) == 4
+    tokens = personal.user_tokens(encoder, world["data"], uid, 4, split=QUESTIONNAIRE_SPLIT)
+    with torch.no_grad():
+        want = encoder.embed([(p["caption"], p["preferred"], p["rejected"]) for p in pairs])
+    torch.testing.assert_close(tokens, want)
+    assert not torch.allclose(tokens, personal.user_tokens(encoder, world["data"], uid, 4))
+    with pytest.raises(ConfigError, match="'questionnaire' split"):
+        personal.user_tokens(encoder, world["data"], uid, 5, split=QUESTIONNAIRE_SPLIT)
+    ids = personal.unseen_user_ids(world["data"])[:3]
+    both = personal.user_retrieval(
+        encoder, world["data"], user_ids=ids, k=4, splits=(QUESTIONNAIRE_SPLIT, "context")
+    )
+    assert both["splits"] == [QUESTIONNAIRE_SPLIT, "context"] and both["num_users"] == 3

@@ -161,6 +161,16 @@ def load_generic(
     return _pipeline(model_path, _lora_dir(_require(Path(run_dir), "run directory")), device, dtype)
 
 
+def run_context_split(run_dir: str | Path) -> str:
+    """The split a PPD run reads its users' context from: its ``user_context_split`` (``config.json``), else
+    ``"context"`` (the paper's random pairs; also for a run directory without a config)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return CONTEXT_SPLIT
+    return cfg.get("user_context_split") or CONTEXT_SPLIT
+
+
 def user_tokens(
     encoder: Any, data_dir: str | Path, user_id: int, k: int, start: int = 0, split: str = CONTEXT_SPLIT
 ) -> torch.Tensor:
@@ -605,6 +615,7 @@ __all__ = [
     "plot_interpolation",
     "population_users",
     "resolve_ppd_dir",
+    "run_context_split",
     "unseen_user_ids",
     "user_retrieval",
     "user_tokens",
