@@ -123,20 +123,30 @@ class QuestionPair:
 
 
 def question_pairs(data_dir: str | Path, n: int = NUM_PAIRS) -> list[QuestionPair]:
-    """``n`` fixed pairs of the build's ``context`` split, one per taste axis (``AXES`` order), by the rule of
-    :func:`diffalign.data.ppd_questionnaire.select_questions` (the pair that differs most on the axis, less how much
-    the judge's ``overall`` differs, among pairs whose caption leaves the axis open and whose two images are both
-    good): the questions every user of the build answers in its ``questionnaire`` split, which
-    ``configs/sandbox_ppd_questionnaire.yaml`` trains and evaluates on. Deterministic for a given build, so every
-    visitor sees the same 4 pairs."""
+    """The build's questionnaire (:func:`diffalign.data.ppd_questionnaire.load_questions`): the ``n`` pairs every
+    user of the build answers in its ``questionnaire`` split, one per taste axis, which
+    ``configs/sandbox_ppd_questionnaire.yaml`` trains and evaluates on — so the visitor is asked exactly what the
+    model learned to read. A build older than the questionnaire (or with fewer questions) gets them chosen here from
+    its ``context`` split by the same rule (:func:`~diffalign.data.ppd_questionnaire.select_questions`). The same
+    pairs for every visitor."""
     import pyarrow.parquet as pq
 
     from diffalign.data.ppd import CONTEXT_SPLIT
-    from diffalign.data.ppd_questionnaire import distinct_pairs, select_questions
+    from diffalign.data.ppd_questionnaire import (
+        QUESTIONNAIRE_SPLIT,
+        distinct_pairs,
+        load_questions,
+        select_questions,
+    )
     from diffalign.data.schema import split_path
     from diffalign.eval.personal import resolve_ppd_dir
 
-    path = split_path(resolve_ppd_dir(data_dir), CONTEXT_SPLIT)
+    build = resolve_ppd_dir(data_dir)
+    if split_path(build, QUESTIONNAIRE_SPLIT).is_file():
+        stored = load_questions(build)
+        if len(stored) >= n:
+            return [QuestionPair(q["caption"], q["left"], q["right"], q["axis"]) for q in stored[:n]]
+    path = split_path(build, CONTEXT_SPLIT)
     columns = ["caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid"]
     table = pq.read_table(path, columns=columns).to_pylist()
     rows = [table[i] for i in distinct_pairs(table)]  # each source pair once (users share pairs)

@@ -86,11 +86,21 @@ def test_describe_user_starts_with_the_strongest_axis():
         assert ("only slightly" in pm.describe_user(u)) == (u.kind == "weak")
 
 
-def test_answers_decide_which_image_is_preferred(world, loaded):
+def test_answers_decide_which_image_is_preferred(world, loaded, tmp_path):
     questions = pm.question_pairs(world["data"])
     assert questions == pm.question_pairs(world["data"])  # the same 4 pairs for every visitor
     assert len(questions) == 4 and len({(q.left, q.right) for q in questions}) == 4
     assert [q.axis for q in questions] == list(AXES[:4])
+    # the build's questionnaire (what a questionnaire run trains on) is what a build without one gets by the rule
+    import shutil
+
+    from diffalign.data.ppd_questionnaire import QUESTIONNAIRE_SPLIT
+    from diffalign.data.schema import split_path
+
+    old = tmp_path / "old_build"
+    shutil.copytree(world["data"], old)
+    split_path(old, QUESTIONNAIRE_SPLIT).unlink()
+    assert pm.question_pairs(old) == questions
     answers = [pm.LEFT, pm.RIGHT, pm.LEFT, pm.RIGHT]
     flipped = [pm.RIGHT, pm.LEFT, pm.RIGHT, pm.LEFT]
     mine, other = pm.pairs_for_answers(questions, answers), pm.pairs_for_answers(questions, flipped)
