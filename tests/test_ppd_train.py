@@ -160,6 +160,48 @@ def test_tokens_come_from_the_projector_of_the_drawn_context_and_are_zero_withou
     assert torch.equal(out[2], torch.zeros(2, 4))
 
 
+def test_user_token_dropout_zeroes_a_seeded_share_of_the_pairs():
+    from types import SimpleNamespace
+
+    from diffalign.models.user_encoder import UserProjector
+    from diffalign.training.user_conditioning import UserConditioning
+
+    n = 400
+    feats, users = torch.randn(n, 5), np.zeros(n, dtype=np.int64)
+    rows = {0: np.arange(n)}
+    proj = UserProjector(5, num_tokens=2, token_dim=4, hidden=8)
+
+    def cond(p, seed=1):
+        c = UserConditioning(
+            None, proj, None, feats, users, rows,
+            SimpleNamespace(user_context_pairs=3, user_token_dropout=p), seed=seed,
+        )  # fmt: skip
+        c._projector = lambda: proj
+        return c
+
+    assert not any(cond(0.0).dropped(i, 0) for i in range(n))
+    c = cond(0.25)
+    drops = np.array([c.dropped(i, 0) for i in range(n)])
+    assert 0.18 < drops.mean() < 0.32  # binomial(400, 0.25): sd 0.022, so 3 sd either side
+    assert np.array_equal(
+        drops, [cond(0.25).dropped(i, 0) for i in range(n)]
+    )  # same seed: same pairs (resume)
+    assert not np.array_equal(drops, [c.dropped(i, 1) for i in range(n)])  # redrawn each epoch
+    idx = torch.arange(40)
+    out = c.tokens(idx, epoch=0, device=torch.device("cpu"))
+    zero = (out == 0).flatten(1).all(1).numpy()
+    assert np.array_equal(zero, drops[:40]) and zero.any() and not zero.all()
+    kept = int(np.flatnonzero(~drops[:40])[0])  # a kept pair keeps exactly its undropped tokens
+    assert torch.allclose(
+        out[kept], cond(0.0).tokens(idx[kept : kept + 1], 0, torch.device("cpu"))[0], atol=1e-6
+    )
+    from diffalign.errors import ConfigError
+    from diffalign.objectives.ppd import PPDParams
+
+    with pytest.raises(ConfigError, match="user_token_dropout must be in"):
+        PPDParams(user_token_dropout=1.0)
+
+
 def test_ppd_config_errors():
     from diffalign.config import TrainConfig
     from diffalign.errors import ConfigError

@@ -62,6 +62,14 @@ class PPDParams(DPOParams):
     user_scale: float = field(
         default=1.0, metadata={"help": "scale of the user cross-attention's output (training and evaluation)"}
     )
+    user_token_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "probability that a training pair gets zero user tokens (drawn per pair and epoch, seeded): "
+            "the LoRA then has to explain the shared preference alone and the user branch only what differs "
+            "between users (IP-Adapter drops its image tokens the same way); 0: never"
+        },
+    )
     user_eval_users: int | None = field(
         default=None, metadata={"help": "evaluate on the first N unseen users of the data (None: all)"}
     )
@@ -75,6 +83,10 @@ class PPDParams(DPOParams):
                 raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
         if self.user_scale < 0:
             raise ConfigError(f"config field user_scale must be >= 0, got {self.user_scale}")
+        if not 0.0 <= self.user_token_dropout < 1.0:
+            raise ConfigError(
+                f"config field user_token_dropout must be in [0, 1), got {self.user_token_dropout}"
+            )
 
     def check_run(self, cfg) -> None:
         """Run fields user conditioning cannot work with (called by the offline config)."""

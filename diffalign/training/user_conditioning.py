@@ -31,6 +31,7 @@ from ..diffusion.parts import pair_seed
 from ..errors import ConfigError
 
 CONTEXT_STREAM = 0x9E3779B1  # xor'ed into the pair seed: the context draw has a stream of its own
+DROPOUT_STREAM = 0x85EBCA6B  # and the user-token dropout draw another
 
 
 def make_featurizer(params: Any, device: torch.device | str = "cpu"):
@@ -150,9 +151,22 @@ class UserConditioning:
         pick = torch.randperm(len(others), generator=g)[: self.k].sort().values.numpy()
         return others[pick]
 
+    def dropped(self, index: int, epoch: int) -> bool:
+        """Whether pair ``index`` trains without user tokens in ``epoch`` (``user_token_dropout``; seeded per pair
+        and epoch, so a resumed run drops the same pairs)."""
+        p = float(getattr(self.params, "user_token_dropout", 0.0))
+        if p <= 0.0:
+            return False
+        g = torch.Generator().manual_seed(pair_seed(self.seed, epoch, int(index)) ^ DROPOUT_STREAM)
+        return bool(torch.rand((), generator=g).item() < p)
+
     def tokens(self, indices: torch.Tensor, epoch: int, device: torch.device) -> torch.Tensor:
-        """User tokens ``[B, N, D]`` (float32, on ``device``) for the pairs of source rows ``indices``."""
-        batch = [self.context_rows(int(i), epoch) for i in indices.tolist()]
+        """User tokens ``[B, N, D]`` (float32, on ``device``) for the pairs of source rows ``indices``; zero for a
+        pair without context rows or dropped (``user_token_dropout``)."""
+        batch = [
+            np.zeros(0, dtype=np.int64) if self.dropped(int(i), epoch) else self.context_rows(int(i), epoch)
+            for i in indices.tolist()
+        ]
         feats = torch.zeros(len(batch), self.k, self.features.shape[1])
         mask = torch.zeros(len(batch), self.k, dtype=torch.bool)
         for b, rows in enumerate(batch):
