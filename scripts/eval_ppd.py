@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(p, "seeds", type=int, nargs="+", default=[0], help="sampling seeds per prompt (default 0)")
     _flag(p, "steps", type=int, default=20, help="sampling steps (default 20)")
     _flag(p, "guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
-    _flag(p, "user_scale", type=float, default=1.0, help="scale of the user attention branch (default 1.0)")
+    _flag(p, "user_scale", type=float, default=None,
+          help="scale of the user attention branch (default: the run's user_scale from its config.json, else 1.0)")  # fmt: skip
     _flag(p, "num_users", type=int, default=None, help="the first N unseen users (default all)")
     _flag(p, "num_prompts", type=int, default=None, help="the first N test captions per user (default all)")
     _flag(p, "batch_size", type=int, default=64, help="images per pipeline call (default 64)")
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     against = personal.load_generic(args.model, args.against, device=device) if args.against else None
     gen = {"steps": args.steps, "guidance": args.guidance}
     split = args.context_split or personal.run_context_split(args.run_dir)
+    if args.user_scale is None:
+        args.user_scale = personal.run_user_scale(args.run_dir)
 
     result = personal.evaluate_personal(
         pipe, encoder, data, user_ids=user_ids, k=args.k, seeds=args.seeds, batch_size=args.batch_size,

@@ -268,6 +268,12 @@ def test_questionnaire_context_split(world, random_pipe, tmp_path):
     )  # no config.json: the paper's pairs
     (tmp_path / "config.json").write_text(json.dumps({"user_context_split": QUESTIONNAIRE_SPLIT}))
     assert personal.run_context_split(tmp_path) == QUESTIONNAIRE_SPLIT
+    # the branch's scale is read the same way (eval_ppd.py's default): the trained one, else 1.0
+    assert (
+        personal.run_user_scale(world["runs"]["random"]) == 1.0 and personal.run_user_scale(tmp_path) == 1.0
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"user_scale": 3.0}))
+    assert personal.run_user_scale(tmp_path) == 3.0
     encoder, uid = random_pipe[1], world["users"][0]
     pairs = load_context_pairs(world["data"], uid, QUESTIONNAIRE_SPLIT)
     assert len(pairs) == 4

@@ -161,14 +161,22 @@ def load_generic(
     return _pipeline(model_path, _lora_dir(_require(Path(run_dir), "run directory")), device, dtype)
 
 
+def _run_config(run_dir: str | Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def run_context_split(run_dir: str | Path) -> str:
     """The split a PPD run reads its users' context from: its ``user_context_split`` (``config.json``), else
     ``"context"`` (the paper's random pairs; also for a run directory without a config)."""
-    try:
-        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return CONTEXT_SPLIT
-    return cfg.get("user_context_split") or CONTEXT_SPLIT
+    return _run_config(run_dir).get("user_context_split") or CONTEXT_SPLIT
+
+
+def run_user_scale(run_dir: str | Path) -> float:
+    """The user branch's scale a PPD run trained with (``user_scale`` of its ``config.json``), else 1.0."""
+    return float(_run_config(run_dir).get("user_scale", 1.0))
 
 
 def user_tokens(
@@ -616,6 +624,7 @@ __all__ = [
     "population_users",
     "resolve_ppd_dir",
     "run_context_split",
+    "run_user_scale",
     "unseen_user_ids",
     "user_retrieval",
     "user_tokens",
