@@ -364,9 +364,12 @@ class PersonalEngine:
         if not ok:
             raise ConfigError(message)
         pairs, user = self.context(source, user_id, answers)
+        from diffalign.eval.personal import run_user_scale
+
+        scale = req.scale * run_user_scale(self.config.run_dir)  # the slider's 1 is the branch as trained
         with self._lock:  # one generation at a time: the pipeline's adapters are switched off and on
             pipe, encoder = self.models()
             base, mine = personal_pair(
-                pipe, encoder, req.prompt, req.seeds[0], pairs, req.steps, req.guidance, user_scale=req.scale
+                pipe, encoder, req.prompt, req.seeds[0], pairs, req.steps, req.guidance, user_scale=scale
             )
         return PersonalResult(base, mine, *score_lines(user, base, mine, req.prompt))

@@ -9,6 +9,9 @@ for that seed and the personalised one differs; the page still builds, with and 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +161,34 @@ def test_engine_runs_both_sources_and_scores_the_picked_user(world, engine):
         engine.run(pm.SOURCE_ANSWERS, None, [pm.LEFT] * 3 + [None], _req())
     lines = pm.score_lines(user, res.base, res.personal, "not a sandbox caption")
     assert lines[0].startswith("⚠️") and "sandbox grammar" in lines[0]
+
+
+def test_slider_scales_the_branch_as_trained(world, engine, monkeypatch):
+    """The demo's slider (1 = as trained) multiplies the run's own user_scale (its config.json), as eval_ppd.py's
+    default uses it: a run trained with user_scale 3 is shown at 3 with the slider at 1, at 1.5 with it at 0.5."""
+    seen = []
+
+    def fake_pair(pipe, encoder, prompt, seed, pairs, steps, guidance, *, user_scale):
+        seen.append(user_scale)
+        img = np.zeros((8, 8, 3), np.uint8)
+        return img, img
+
+    monkeypatch.setattr(pm, "personal_pair", fake_pair)
+    cfg = Path(world["run"]) / "config.json"
+    assert not cfg.exists()
+    try:
+        engine.run(pm.SOURCE_ANSWERS, None, [pm.LEFT] * 4, _req())  # no config.json: 1
+        cfg.write_text(json.dumps({"user_scale": 3.0}))
+        engine.run(pm.SOURCE_ANSWERS, None, [pm.LEFT] * 4, _req())
+        engine.run(
+            pm.SOURCE_ANSWERS,
+            None,
+            [pm.LEFT] * 4,
+            core.validate_request(PROMPT, "", 3, STEPS, 5.0, scale=0.5),
+        )
+    finally:
+        cfg.unlink(missing_ok=True)
+    assert seen == [1.0, 3.0, 1.5]
 
 
 # ---------------------------------------------------------------------------------------------------------------
