@@ -200,6 +200,25 @@ def test_user_token_dropout_zeroes_a_seeded_share_of_the_pairs():
 
     with pytest.raises(ConfigError, match="user_token_dropout must be in"):
         PPDParams(user_token_dropout=1.0)
+    with pytest.raises(ConfigError, match="user_branch_init must be"):
+        PPDParams(user_branch_init="random")
+
+
+def test_text_init_starts_the_branch_from_the_text_projections(ppd_data, tmp_path):
+    """``user_branch_init: text`` (IP-Adapter's): the branch acts from the first step, so the first loss is not the
+    base-on-both-sides log 2, and after one step the exported key/value projections are still within a step of the
+    sandbox UNet's text ones."""
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "text"
+    run_script(_args(ppd_data, out, "--user_branch_init", "text", steps=1), timeout=900)
+    assert abs(losses(out)[0] - 0.6931471805599453) > 1e-4
+    unet = UNet2DConditionModel.from_pretrained(SANDBOX_PIPELINE, subfolder="unet").state_dict()
+    saved = load_file(out / "user_attention.safetensors")
+    assert saved
+    for key, value in saved.items():
+        text = unet[key.replace("processor.to_k_user", "to_k").replace("processor.to_v_user", "to_v")]
+        assert value.shape == text.shape and 0 < (value - text).abs().max() < 2e-3, key
 
 
 def test_ppd_config_errors():

@@ -487,3 +487,43 @@ def test_stock_pipeline_with_guidance_takes_user_tokens(tiny_sd_dir, diffusers_w
     np.testing.assert_allclose(both[0], personal[0], atol=1e-5)
     np.testing.assert_allclose(both[1], alone_b[0], atol=1e-5)
     assert diffusers_warnings == []
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_text_init_copies_the_text_projections_and_trains_every_weight_from_the_start(kind):
+    """IP-Adapter's initialisation: the branch's key/value projections are copies of the layer's text ones (so user
+    tokens equal to the text tokens double the text attention), and both get gradient at the first step (with
+    the zero init only ``to_v_user`` does)."""
+    unet = BUILDERS[kind]().train()
+    width = unet.config.cross_attention_dim
+    procs = add_user_attention(unet, width, init="text")
+    for name, proc in procs.items():
+        attn = _layer(unet, name)
+        assert torch.equal(proc.to_k_user.weight, attn.to_k.weight)
+        assert torch.equal(proc.to_v_user.weight, attn.to_v.weight)
+    inp = unet_inputs(unet)
+    text = inp["encoder_hidden_states"]
+    unet.zero_grad(set_to_none=True)
+    unet(**inp, cross_attention_kwargs={"user_tokens": text}).sample.square().mean().backward()
+    for proc in procs.values():
+        assert proc.to_k_user.weight.grad.abs().sum() > 0 and proc.to_v_user.weight.grad.abs().sum() > 0
+    name, proc = next(iter(procs.items()))
+    attn = _layer(unet, name)
+    hidden = torch.randn(2, 16, attn.query_dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        doubled = proc(attn, hidden, encoder_hidden_states=text, user_tokens=text, user_scale=1.0)
+        attn.set_processor(AttnProcessor2_0())
+        plain_out = attn.to_out
+        attn.to_out = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+        text_only = attn(hidden, encoder_hidden_states=text)
+        attn.to_out = plain_out
+        expected = plain_out[1](plain_out[0](2.0 * text_only))
+    torch.testing.assert_close(doubled, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_text_init_needs_tokens_as_wide_as_the_text_and_a_known_name():
+    unet = sd_unet()
+    with pytest.raises(Exception, match="as wide as the text"):
+        add_user_attention(unet, unet.config.cross_attention_dim + 1, init="text")
+    with pytest.raises(Exception, match="init must be one of"):
+        add_user_attention(unet, USER_DIM, init="random")

@@ -263,17 +263,27 @@ def _inner_dim(attn: Attention) -> int:
     return int(getattr(attn, "inner_kv_dim", attn.inner_dim))
 
 
+BRANCH_INITS = ("zero", "text")
+
+
 def add_user_attention(
-    unet: nn.Module, user_dim: int, scale: float = 1.0, *, seed: int = 0
+    unet: nn.Module, user_dim: int, scale: float = 1.0, *, seed: int = 0, init: str = "zero"
 ) -> dict[str, UserAttnProcessor]:
     """Install a :class:`UserAttnProcessor` on every cross-attention layer (processor names ending in
     ``attn2.processor``) and a :class:`PlainAttnProcessor` on every other attention layer; return the user
     processors by name. Replaces whatever processors (and user branches) were there.
 
+    ``init``: ``"zero"`` (the module docstring: ``to_v_user`` 0, a seeded ``to_k_user``; the branch starts as a
+    no-op) or ``"text"`` (IP-Adapter's: ``to_k_user`` and ``to_v_user`` copied from the layer's text ``to_k`` and
+    ``to_v``, their base weights under a LoRA; needs ``user_dim`` equal to the text width), which makes the branch
+    act, and every branch weight get gradient, from the first step.
+
     The processors become submodules of their ``Attention`` layers, so ``unet.parameters()`` includes the new
     weights; they are trainable (``requires_grad=True``), on the device and in the dtype of the layer's ``to_q``,
     and nothing else's ``requires_grad`` changes (freeze the UNet first to train the branch alone)."""
     unet = _unet(unet)
+    if init not in BRANCH_INITS:
+        raise ConfigError(f"user branch init must be one of {list(BRANCH_INITS)}, got {init!r}")
     layers = _attention_layers(unet)
     names = [n for n in layers if n.endswith("attn2.processor")]
     if not names:
@@ -285,12 +295,26 @@ def add_user_attention(
             proc = UserAttnProcessor(_inner_dim(attn), user_dim, scale, seed=seed + index)
             weight = attn.to_q.weight
             proc.to(device=weight.device, dtype=weight.dtype)
+            if init == "text":
+                _copy_text_projections(proc, attn, name)
             proc.requires_grad_(True)
             user[name] = processors[name] = proc
         else:
             processors[name] = PlainAttnProcessor()
     unet.set_attn_processor(processors)
     return user
+
+
+def _copy_text_projections(proc: UserAttnProcessor, attn: Attention, name: str) -> None:
+    for mine, theirs in ((proc.to_k_user, attn.to_k), (proc.to_v_user, attn.to_v)):
+        source = getattr(theirs, "base_layer", theirs).weight  # under a LoRA: the base projection
+        if tuple(source.shape) != tuple(mine.weight.shape):
+            raise ConfigError(
+                f"user branch init 'text': {name} projects text of width {source.shape[1]} but user tokens have "
+                f"width {mine.weight.shape[1]}; use init 'zero' or user tokens as wide as the text"
+            )
+        with torch.no_grad():
+            mine.weight.copy_(source)
 
 
 def user_processors(unet_or_pipeline: Any) -> dict[str, UserAttnProcessor]:

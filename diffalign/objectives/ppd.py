@@ -62,6 +62,13 @@ class PPDParams(DPOParams):
     user_scale: float = field(
         default=1.0, metadata={"help": "scale of the user cross-attention's output (training and evaluation)"}
     )
+    user_branch_init: str = field(
+        default="zero",
+        metadata={
+            "help": "how the user branch's key/value projections start: 'zero' (value 0, the branch starts as a "
+            "no-op) or 'text' (IP-Adapter's: copies of the layer's text key/value projections)"
+        },
+    )
     user_token_dropout: float = field(
         default=0.0,
         metadata={
@@ -83,6 +90,10 @@ class PPDParams(DPOParams):
                 raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
         if self.user_scale < 0:
             raise ConfigError(f"config field user_scale must be >= 0, got {self.user_scale}")
+        if self.user_branch_init not in ("zero", "text"):
+            raise ConfigError(
+                f"config field user_branch_init must be 'zero' or 'text', got {self.user_branch_init!r}"
+            )
         if not 0.0 <= self.user_token_dropout < 1.0:
             raise ConfigError(
                 f"config field user_token_dropout must be in [0, 1), got {self.user_token_dropout}"

@@ -125,7 +125,9 @@ class UserConditioning:
             featurizer.dim, params.user_tokens, token_dim, params.user_projector_hidden,
             odd_dims=getattr(featurizer, "odd_dims", 0) if params.user_projector_odd else 0, seed=cfg.seed,
         ).to(run.device)  # fmt: skip
-        ua.add_user_attention(unet, user_dim=token_dim, scale=params.user_scale, seed=cfg.seed)
+        ua.add_user_attention(
+            unet, user_dim=token_dim, scale=params.user_scale, seed=cfg.seed, init=params.user_branch_init
+        )
         for proc in ua.user_processors(unet).values():  # trainable weights in float32, as LoRA adapters are
             proc.to(dtype=torch.float32)
         unet.add_module("user_projector", projector)
