@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "against": args.against,
         "data": str(data),
         **{key: result[key] for key in keys},
+        "vs_branch_off": {key: result["vs_branch_off"][key] for key in keys},
         "vs_against": {key: result["vs_against"][key] for key in keys} if against is not None else None,
         "retrieval": retrieval,
         "interpolation": curve,

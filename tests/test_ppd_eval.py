@@ -176,6 +176,36 @@ def test_zero_lora_and_zero_user_branch_give_the_base_exactly(world, tmp_path):
     )
     assert all(p["win_rate"] == 0.5 and p["ties"] == p["n"] for p in result["per_user"])
     assert all(r["user_score"]["personalized"] == r["user_score"]["base"] for r in result["images"])
+    assert (
+        result["vs_branch_off"]["win_rate"]["ties"] == 4
+    )  # no values in the branch: the tokens change nothing
+
+
+def test_branch_off_side_is_the_lora_without_tokens(world, evaluated, random_pipe):
+    """Personalised against the same run with its user branch off (LoRA on, no tokens): the comparison that says
+    whether the tokens, rather than the LoRA, carry the user's taste. Its images are the pipeline's own without
+    tokens, each scored by the row's user, and its counts recompute from the per-image scores."""
+    result, _, _ = evaluated
+    rows = result["images"]
+    pipe, _ = random_pipe
+    off = generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], **GEN)
+    users = personal.population_users(world["data"])
+    for r, image in zip(rows, off, strict=True):
+        assert r["user_score"]["branch_off"] == pytest.approx(
+            users[r["user_id"]].score(image[None], [r["prompt"]])[0]
+        )
+    pers = np.array([r["user_score"]["personalized"] for r in rows])
+    branch_off = np.array([r["user_score"]["branch_off"] for r in rows])
+    base = np.array([r["user_score"]["base"] for r in rows])
+    vo = result["vs_branch_off"]
+    assert {k: vo["win_rate"][k] for k in ("wins", "ties", "losses", "n")} == {
+        k: v for k, v in _recount(pers, branch_off).items() if k != "win_rate"
+    }
+    assert vo["branch_off_vs_base"]["win_rate"] == pytest.approx(_recount(branch_off, base)["win_rate"])
+    assert (branch_off != pers).any() and (
+        branch_off != base
+    ).any()  # a third side: not the tokens, not the base
+    assert "branch off" in personal.format_personal(result)
 
 
 class OneHotEncoder:

@@ -9,6 +9,9 @@ Protocol, per unseen user of a sandbox-ppd build (:mod:`diffalign.data.ppd`):
 - **base** images: the same pipeline with the adapters disabled and no tokens, i.e. the starting model, bit for bit
   (the user branch is the stock attention without tokens). They depend on (caption, seed) only, so one image serves
   every user with that caption and a cache dict (``base_images``) carries them between calls;
+- **branch off**: the same pipeline, LoRA on, no tokens: what the run's LoRA does alone. Personalised against it
+  is the direct test that the tokens carry the user's taste (an embedding that carries none scores 0.5 or less,
+  however well the LoRA does against the base or a generic run);
 - **against** (optional): a second pipeline, e.g. a generic Diffusion-DPO LoRA that sees no user;
 - every image is scored by THAT user's score (``overall + strength * taste``,
   :meth:`~diffalign.sandbox.user_population.PopulationUser.score_analyses`), each image analysed and judged once;
@@ -26,8 +29,9 @@ image and its base twin differ only by the LoRA and the tokens.
     per_user [{user_id, kind, strength, win_rate, ci_low, ci_high, n, wins, ties, losses, p_value,
                mean_user_score {base, aligned}}];
     mean_user_win_rate, min_user_win_rate, max_user_win_rate (each user weighs the same);
+    vs_branch_off: the same blocks with "base" = the branch-off images, plus branch_off_vs_base;
     vs_against (only with ``against``): the same blocks with "base" = the against pipeline, plus against_vs_base;
-    images [{user_id, prompt, seed, user_score {personalized, base[, against]}}]: every per-image score, so any
+    images [{user_id, prompt, seed, user_score {personalized, base, branch_off[, against]}}]: every per-image score, so any
     number above can be recomputed; k, user_scale, user_ids, dataset, split, steps, guidance, seeds, encoder, files.
 
 Also :func:`user_retrieval` (is the embedding of a user's pairs 0..k-1 nearest to the embedding of the same user's
@@ -375,9 +379,12 @@ def evaluate_personal(
     row_of = [index[ps] for ps in zip(row_prompts, row_seeds, strict=True)]
     base = _cached_images(pipe, pairs, base_images, context=base_context(pipe), desc="base", **gen)
     pair_prompts = [p for p, _ in pairs]
+    # LoRA on, no tokens: the user branch is the stock attention without them (the run's LoRA alone)
+    off = _cached_images(pipe, pairs, None, context=contextlib.nullcontext(), desc="branch off", **gen)
     scores = {
         "personalized": _score(personal, row_prompts, range(len(rows)), row_users),
         "base": _score(base, pair_prompts, row_of, row_users),
+        "branch_off": _score(off, pair_prompts, row_of, row_users),
     }
     sides = {"personalized": personal, "base": base[row_of]}
     if against is not None:
@@ -393,6 +400,10 @@ def evaluate_personal(
         context_split=context_split, user_scale=float(user_scale), user_ids=ids, num_users=len(ids), steps=steps, guidance=guidance, seeds=seeds,
         encoder=_describe_encoder(encoder),
     )  # fmt: skip
+    result["vs_branch_off"] = _comparison(scores["personalized"], scores["branch_off"], rows, users)
+    result["vs_branch_off"]["branch_off_vs_base"] = _comparison(
+        scores["branch_off"], scores["base"], rows, users
+    )["win_rate"]
     if against is not None:
         result["vs_against"] = _comparison(scores["personalized"], scores["against"], rows, users)
         against_vs_base = _comparison(scores["against"], scores["base"], rows, users)["win_rate"]
@@ -472,6 +483,13 @@ def format_personal(result: Mapping[str, Any]) -> str:
         f"mean per-user win rate {result['mean_user_win_rate']:.3f} "
         f"(min {result['min_user_win_rate']:.3f}, max {result['max_user_win_rate']:.3f})",
     ]
+    if "vs_branch_off" in result:
+        vo, ob = result["vs_branch_off"], result["vs_branch_off"]["branch_off_vs_base"]
+        lines.append(
+            f"personalised vs branch off (the LoRA alone, no tokens: does the embedding carry taste?): win rate "
+            f"{vo['win_rate']['win_rate']:.3f} [{vo['win_rate']['ci_low']:.3f}, {vo['win_rate']['ci_high']:.3f}]; "
+            f"branch off vs base {ob['win_rate']:.3f}"
+        )
     if "vs_against" in result:
         va, ab = result["vs_against"], result["vs_against"]["against_vs_base"]
         lines.append(
