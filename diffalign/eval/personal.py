@@ -483,20 +483,21 @@ def format_personal(result: Mapping[str, Any]) -> str:
         f"mean per-user win rate {result['mean_user_win_rate']:.3f} "
         f"(min {result['min_user_win_rate']:.3f}, max {result['max_user_win_rate']:.3f})",
     ]
-    if "vs_branch_off" in result:
-        vo, ob = result["vs_branch_off"], result["vs_branch_off"]["branch_off_vs_base"]
-        lines.append(
-            f"personalised vs branch off (the LoRA alone, no tokens: does the embedding carry taste?): win rate "
-            f"{vo['win_rate']['win_rate']:.3f} [{vo['win_rate']['ci_low']:.3f}, {vo['win_rate']['ci_high']:.3f}]; "
-            f"branch off vs base {ob['win_rate']:.3f}"
-        )
-    if "vs_against" in result:
-        va, ab = result["vs_against"], result["vs_against"]["against_vs_base"]
-        lines.append(
-            f"personalised vs against: win rate {va['win_rate']['win_rate']:.3f} "
-            f"[{va['win_rate']['ci_low']:.3f}, {va['win_rate']['ci_high']:.3f}], mean per-user "
-            f"{va['mean_user_win_rate']:.3f}; against vs base {ab['win_rate']:.3f}"
-        )
+    for key, side, label in (
+        (
+            "vs_branch_off",
+            "branch_off",
+            "branch off (the LoRA alone, no tokens: does the embedding carry taste?)",
+        ),
+        ("vs_against", "against", "against"),
+    ):
+        if key in result:
+            v, w = result[key], result[key]["win_rate"]
+            lines.append(
+                f"personalised vs {label}: win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}], "
+                f"mean per-user {v['mean_user_win_rate']:.3f}; {side.replace('_', ' ')} vs base "
+                f"{v[side + '_vs_base']['win_rate']:.3f}"
+            )
     aspects = [
         [name, v["base"]["mean"], v["aligned"]["mean"], v["aligned"]["mean"] - v["base"]["mean"]]
         for name, v in result["aspects"].items()
