@@ -30,7 +30,7 @@ import yaml
 from .errors import ConfigError
 
 #: dataset names diffalign.data.sources.resolve_dataset maps to a directory (not a path, not a hub id)
-NAMED_DATASETS = ("sandbox", "sandbox-ppd")
+NAMED_DATASETS = ("sandbox", "sandbox-ppd", "sandbox-ppd-6u")
 #: model names diffalign.models.pipeline.resolve_model_path maps to a pipeline directory (the base; the distilled model)
 NAMED_MODELS = ("sandbox", "sandbox-4step")
 

@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _flag(p, "run_dir", required=True, help="the PPD run: lora/, user_attention.safetensors, user_encoder/")
     _flag(p, "model", default="sandbox", help="the base pipeline ('sandbox' or a diffusers directory)")
-    _flag(p, "data", default="sandbox-ppd", help="a sandbox-ppd build directory, or the name 'sandbox-ppd'")
+    _flag(p, "data", default=None,
+          help="a PPD build directory or name ('sandbox-ppd', 'sandbox-ppd-6u'; default: the run's dataset from its "
+          "config.json when that is a PPD build, else 'sandbox-ppd')")  # fmt: skip
     _flag(p, "against", default=None, help="a generic run (its lora/) to compare the personalised model with")
     _flag(p, "k", type=int, default=4, help="context pairs per user for its embedding (default 4)")
     _flag(p, "context_split", default=None,
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "personal_eval"
     device = resolve_device(args.device)
-    data = personal.resolve_ppd_dir(args.data)
+    data = personal.resolve_ppd_dir(args.data or personal.run_dataset(args.run_dir))
     unseen = personal.unseen_user_ids(data)
     user_ids = unseen[: args.num_users] if args.num_users else unseen
     pipe, encoder = personal.load_personalized(args.model, args.run_dir, device=device)

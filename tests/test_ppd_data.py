@@ -180,6 +180,21 @@ def test_resolve_dataset_builds_once_and_reuses(tmp_path, monkeypatch):
     assert len(ppd.load_context_pairs("sandbox-ppd", split_users(population())[1][0])) == 2
 
 
+def test_named_builds_resolve_to_their_own_cached_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ppd, "NAMED_BUILD", {"max_source_pairs": 12, "context_pairs_per_unseen_user": 2})
+    two, six = resolve_dataset("sandbox-ppd"), resolve_dataset("sandbox-ppd-6u")
+    assert two != six and Path(six).parent == tmp_path / "cache"
+    reports = [json.loads((Path(d) / "build_report.json").read_text()) for d in (two, six)]
+    assert [r["users_per_pair"] for r in reports] == [2, 6]
+    rows = [len(pq.read_table(split_path(d, "train"))) for d in (two, six)]
+    assert rows[1] == 3 * rows[0]
+    assert resolve_dataset("sandbox-ppd-7u") == "sandbox-ppd-7u"  # not a named build: passed through
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sandbox-ppd-6u").mkdir()
+    assert resolve_dataset("sandbox-ppd-6u") == "sandbox-ppd-6u"  # an existing directory of that name wins
+
+
 def test_cache_root_convention(tmp_path, monkeypatch):
     monkeypatch.delenv("DIFFALIGN_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -319,3 +319,16 @@ def test_questionnaire_context_split(world, random_pipe, tmp_path):
         encoder, world["data"], user_ids=ids, k=4, splits=(QUESTIONNAIRE_SPLIT, "context")
     )
     assert both["splits"] == [QUESTIONNAIRE_SPLIT, "context"] and both["num_users"] == 3
+
+
+def test_the_evaluation_reads_the_users_of_the_data_the_run_trained_on(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert personal.run_dataset(run) == "sandbox-ppd"  # no config: the default build
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "users.json").write_text("{}")
+    for dataset, expected in (("sandbox-ppd-6u", "sandbox-ppd-6u"), (str(build), str(build)),
+                              ("sandbox", "sandbox-ppd"), (str(tmp_path / "absent"), "sandbox-ppd")):  # fmt: skip
+        (run / "config.json").write_text(json.dumps({"dataset": dataset}))
+        assert personal.run_dataset(run) == expected, dataset

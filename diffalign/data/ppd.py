@@ -118,6 +118,14 @@ _STREAMS = {"assign": 1, "train_draws": 2, "context": 3, "test_prompts": 4}
 NAMED_BUILD: dict[str, Any] = {}
 """Keyword arguments of :func:`build_ppd_data` for the dataset name ``"sandbox-ppd"`` (empty: the defaults)."""
 
+NAMED_BUILDS: dict[str, dict[str, Any]] = {
+    DATASET_NAME: NAMED_BUILD,
+    # the same pairs, each copied to 6 train users (19,110 rows, about 100 per train user): enough rows per user for
+    # the user branch to learn something (README, PPD); the questionnaire config's data
+    "sandbox-ppd-6u": {"users_per_pair": 6},
+}
+"""Every dataset name that resolves to a PPD build: name -> keyword arguments of :func:`build_ppd_data`."""
+
 _CODE_MODULES = (
     "diffalign.data.ppd",
     "diffalign.data.ppd_questionnaire",
@@ -620,11 +628,17 @@ def ensure_ppd_data(
 # Reading a build
 
 
+def named_build_dir(name: str | Path) -> Path | None:
+    """The cached build of a :data:`NAMED_BUILDS` name (built on first use); ``None`` for anything else, and for a
+    name that is also an existing directory (a path wins)."""
+    if str(name) not in NAMED_BUILDS or Path(name).is_dir():
+        return None
+    return ensure_ppd_data(**NAMED_BUILDS[str(name)])
+
+
 def _data_dir(data_dir: str | Path) -> Path:
-    """A build's directory; the name ``"sandbox-ppd"`` resolves (and builds) the cached one."""
-    if str(data_dir) == DATASET_NAME and not Path(data_dir).is_dir():
-        return ensure_ppd_data()
-    return Path(data_dir)
+    """A build's directory; a :data:`NAMED_BUILDS` name resolves (and builds) the cached one."""
+    return named_build_dir(data_dir) or Path(data_dir)
 
 
 def load_context_pairs(
@@ -674,9 +688,11 @@ def load_users(data_dir: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "named_build_dir",
     "CONTEXT_SPLIT",
     "DATASET_NAME",
     "NAMED_BUILD",
+    "NAMED_BUILDS",
     "PPD_VERSION",
     "build_ppd_data",
     "cache_root",

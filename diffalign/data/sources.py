@@ -14,16 +14,21 @@ __all__ = ["resolve_built_dataset", "resolve_dataset"]
 
 
 def resolve_dataset(name: str) -> str:
-    """``"sandbox"`` → the shipped sandbox data directory (``SANDBOX_DATA``); ``"sandbox-ppd"`` → the multi-user
-    relabelling of it (:mod:`diffalign.data.ppd`, built on first use into the cache); anything else unchanged."""
+    """``"sandbox"`` → the shipped sandbox data directory (``SANDBOX_DATA``); ``"sandbox-ppd"`` (and the other
+    :data:`~diffalign.data.ppd.NAMED_BUILDS`, e.g. ``"sandbox-ppd-6u"``) → a multi-user relabelling of it
+    (:mod:`diffalign.data.ppd`, built on first use into the cache); anything else unchanged."""
     if name == "sandbox":
         from ..sandbox import SANDBOX_DATA
 
         return str(SANDBOX_DATA)
-    if name == "sandbox-ppd":  # the sandbox pairs relabelled by a user population, built once into a cache
-        from .ppd import ensure_ppd_data
+    if name.startswith(
+        "sandbox-ppd"
+    ):  # the sandbox pairs relabelled by a user population, built once into a cache
+        from .ppd import named_build_dir
 
-        return str(ensure_ppd_data())
+        built = named_build_dir(name)
+        if built is not None:
+            return str(built)
     return name
 
 

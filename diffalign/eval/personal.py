@@ -52,11 +52,11 @@ from tqdm.auto import tqdm
 
 from ..data.ppd import (
     CONTEXT_SPLIT,
-    DATASET_NAME,
-    ensure_ppd_data,
+    NAMED_BUILDS,
     load_context_pairs,
     load_test_prompts,
     load_users,
+    named_build_dir,
 )
 from ..errors import ConfigError
 from ..sandbox.judge import Judge, analyze, parse_prompts
@@ -75,10 +75,11 @@ PRIMARY = "user_score"
 
 
 def resolve_ppd_dir(data_dir: str | Path) -> Path:
-    """A build directory; the name ``"sandbox-ppd"`` resolves (and builds once) the cached one. Resolved once here
-    so the many reads of an evaluation do not each hash the source files."""
-    if str(data_dir) == DATASET_NAME and not Path(data_dir).is_dir():
-        return ensure_ppd_data()
+    """A build directory; a named build (``"sandbox-ppd"``, ``"sandbox-ppd-6u"``) resolves (and builds once) to the
+    cached one. Resolved once here so the many reads of an evaluation do not each hash the source files."""
+    built = named_build_dir(data_dir)
+    if built is not None:
+        return built
     path = Path(data_dir)
     if not (path / "users.json").is_file():
         raise ConfigError(
@@ -176,6 +177,15 @@ def run_context_split(run_dir: str | Path) -> str:
     """The split a PPD run reads its users' context from: its ``user_context_split`` (``config.json``), else
     ``"context"`` (the paper's random pairs; also for a run directory without a config)."""
     return _run_config(run_dir).get("user_context_split") or CONTEXT_SPLIT
+
+
+def run_dataset(run_dir: str | Path, default: str = "sandbox-ppd") -> str:
+    """The data a PPD run trained on (``dataset`` of its ``config.json``) when that is a PPD build (a named build,
+    or a directory with ``users.json``), else ``default``: its unseen users are the ones to evaluate on."""
+    name = str(_run_config(run_dir).get("dataset") or "")
+    if name in NAMED_BUILDS or (name and (Path(name) / "users.json").is_file()):
+        return name
+    return default
 
 
 def run_user_scale(run_dir: str | Path) -> float:
