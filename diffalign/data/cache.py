@@ -457,6 +457,11 @@ class CachedPairs(Dataset):
             self._handles.popitem(last=False)
         return entry
 
+    def row_indices(self) -> np.ndarray:
+        """The source row of every dataset position (int64 [len(self)]), read from the shards' metadata tensors."""
+        parts = [self._shard(s)[0].get_tensor("row_indices").numpy() for s in range(len(self.shard_names))]
+        return np.concatenate(parts).astype(np.int64)[: len(self)]
+
     def locate(self, position: int) -> tuple[int, int]:
         """Dataset position -> (shard number, row inside the shard)."""
         s = bisect.bisect_right(self.offsets, position) - 1

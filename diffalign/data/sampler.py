@@ -36,6 +36,17 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
+def grouped_permutation(groups: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """An epoch order that keeps every group's positions next to each other: the groups (the distinct values of
+    ``groups``, one per dataset position) in the order ``default_rng([seed, epoch]).permutation``, each group's
+    positions ascending (int64 [n]). A batch then holds whole groups, cut only at its two ends."""
+    groups = np.asarray(groups)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[np.random.default_rng([seed, epoch]).permutation(len(ids))] = np.arange(len(ids))
+    return np.lexsort((np.arange(len(groups)), rank[inverse])).astype(np.int64)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Yields ``epoch * n + perm[k]`` for ``k = start .. n-1`` (see the module docstring).
 
@@ -53,6 +64,14 @@ class EpochShuffleSampler(Sampler[int]):
         self.shuffle = shuffle
         self.epoch = 0
         self.start = 0
+        self.groups: np.ndarray | None = None
+
+    def set_groups(self, groups: np.ndarray | None) -> None:
+        """Shuffle whole groups instead of positions (:func:`grouped_permutation`; ``groups``: one id per
+        position), e.g. the copies of one image pair labelled by different users; ``None``: positions again."""
+        if groups is not None and len(groups) != self.n:
+            raise ValueError(f"groups has {len(groups)} entries for a dataset of {self.n} positions")
+        self.groups = None if groups is None else np.asarray(groups)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order and reset the start to 0 (accelerate calls this on each epoch)."""
@@ -67,6 +86,8 @@ class EpochShuffleSampler(Sampler[int]):
 
     def order(self) -> np.ndarray:
         """Dataset positions of the whole current epoch (int64 [n])."""
+        if self.shuffle and self.groups is not None:
+            return grouped_permutation(self.groups, self.seed, self.epoch)
         if self.shuffle:
             return epoch_permutation(self.n, self.seed, self.epoch)
         return np.arange(self.n, dtype=np.int64)

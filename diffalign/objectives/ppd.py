@@ -77,6 +77,15 @@ class PPDParams(DPOParams):
             "between users (IP-Adapter drops its image tokens the same way); 0: never"
         },
     )
+    user_pair_groups: bool = field(
+        default=False,
+        metadata={
+            "help": "batch the copies of an image pair that different users labelled together, with the same "
+            "timestep and noise (grouped by image_0_uid/image_1_uid): within a group only the user tokens differ, "
+            "so the gradient that tells users apart is not buried in the noise of separate draws; false: every "
+            "row shuffled and noised on its own (the paper)"
+        },
+    )
     user_eval_users: int | None = field(
         default=None, metadata={"help": "evaluate on the first N unseen users of the data (None: all)"}
     )

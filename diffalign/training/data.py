@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -169,6 +170,38 @@ def build_streaming_data(cfg, stream: PickAPicPairStream, info: dict) -> TrainDa
     )
     info["streaming"] = "pairs counted while read"
     return TrainData(loader, None, 0, False, stream, info)
+
+
+def source_rows(dataset) -> np.ndarray:
+    """The source row of every position of a training dataset (int64 [len]): the latent cache's, a lazily cached
+    dataset's pairs', or :class:`PickAPicPairs`' own index."""
+    if hasattr(dataset, "row_indices"):
+        return dataset.row_indices()
+    return np.asarray(getattr(dataset, "pairs", dataset).rows, dtype=np.int64)
+
+
+def pair_groups(cfg, dataset) -> tuple[np.ndarray, dict[int, int]]:
+    """Rows that hold the same image pair (the same two ``image_*_uid``, either order), e.g. one pair labelled by
+    several users: ``(group id per dataset position, {source row: the group's first source row})``. The first
+    keys the shuffle (:meth:`EpochShuffleSampler.set_groups`), the second the per-pair draws (t, ε), so the copies
+    of a pair are batched together and noised alike. Raises a one-line ConfigError when the split lacks the
+    columns."""
+    from ..data.splits import load_pickapic_split
+    from ..errors import ConfigError
+
+    data = load_pickapic_split(resolve_dataset(cfg.dataset), cfg.split)
+    missing = [c for c in ("image_0_uid", "image_1_uid") if c not in data.column_names]
+    if missing:
+        raise ConfigError(
+            f"grouping the copies of a pair needs the columns image_0_uid, image_1_uid; dataset {cfg.dataset!r} "
+            f"split {cfg.split!r} lacks {missing}: turn the grouping off or add the columns"
+        )
+    first: dict[tuple[str, str], int] = {}
+    leader = np.empty(len(data), dtype=np.int64)
+    for r, (a, b) in enumerate(zip(data["image_0_uid"], data["image_1_uid"], strict=True)):
+        leader[r] = first.setdefault((min(str(a), str(b)), max(str(a), str(b))), r)
+    rows = source_rows(dataset)
+    return leader[rows], {int(r): int(leader[r]) for r in rows}
 
 
 def epoch_loader(dataset, cfg, collate_fn) -> tuple[DataLoader, EpochShuffleSampler]:

@@ -27,7 +27,7 @@ from ..models import pipeline as mp
 from ..objectives.registry import get_objective
 from . import checkpoint as ck
 from . import outputs, reference_cache
-from .data import build_train_data
+from .data import build_train_data, pair_groups
 from .run import Run, append_log, backward_and_step, build_optimization, setup_run, start_outputs
 from .step import PairStep
 
@@ -58,6 +58,16 @@ class OfflinePairsTrainer:
                 f"dataset {cfg.dataset!r} split {cfg.split!r} has 0 usable pairs "
                 f"({self.data.describe().get('filtering', 'no rows')}); choose another split or tie_policy"
             )
+        noise_rows = None
+        if getattr(cfg.params, "user_pair_groups", False):  # PPD: a pair's users batched and noised together
+            if self.data.sampler is None:
+                raise ConfigError(
+                    "user_pair_groups needs a map-style dataset (not streaming): set streaming false"
+                )
+            groups, noise_rows = pair_groups(cfg, self.data.pairs)
+            self.data.sampler.set_groups(groups)
+            acc.print(f"user_pair_groups: {len(set(noise_rows.values())):,} image pairs over {len(groups):,} rows, "
+                      "each pair's rows batched together with one (t, noise)")  # fmt: skip
         self.user_conditioning = None
         if (
             self.spec.conditioning == "user"
@@ -90,6 +100,7 @@ class OfflinePairsTrainer:
         )
         self.step_fn.latent_store = self.data.latent_store
         self.step_fn.user_conditioning = self.user_conditioning
+        self.step_fn.noise_rows = noise_rows
         self.model_samples = None
         if self.spec.loser_source == "model_samples":  # PSO: slot 1 is the current model's own sample
             from .model_samples import ModelSamples

@@ -64,6 +64,9 @@ class PairStep:
     noising_state: dict = field(default_factory=dict)
     # spec.loser_source "model_samples" (PSO): ModelSamples, whose samples of the current model replace slot 1
     model_samples: Any = None
+    # PPD's user_pair_groups: {source row: the first row of its image pair}; the copies of a pair then draw the same
+    # (t, ε, dropout uniform), keyed by that row
+    noise_rows: dict[int, int] | None = None
 
     def _unet_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight_dtype)
@@ -107,10 +110,13 @@ class PairStep:
         k = 2 if self.spec.uses_losers else 1  # SFT: winners only, half the UNet work
         x0 = torch.cat([latents[:, i] for i in range(k)], dim=0)  # [kB, C, h, w]
 
+        keys = batch["index"]
+        if self.noise_rows is not None:
+            keys = torch.tensor([self.noise_rows[int(i)] for i in keys.tolist()], dtype=torch.long)
         with record_function("diffalign/pair_randomness"):
             draws = [
                 parts.pair_randomness(
-                    batch["index"],
+                    keys,
                     parts.slot_seed(self.seed, slot),
                     epoch,
                     tuple(x0.shape[1:]),
@@ -165,7 +171,7 @@ class PairStep:
             row_seeds=lambda: [
                 parts.pair_seed(self.seed, epoch, int(i)) ^ (0x5DEECE66D * (slot + 1))
                 for slot in range(k)
-                for i in batch["index"].tolist()
+                for i in keys.tolist()
             ],
             steps_offset=self.steps_offset,
             initial_alpha_cumprod=self.initial_alpha_cumprod,
