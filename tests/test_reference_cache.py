@@ -68,6 +68,10 @@ def test_what_the_reference_errors_depend_on():
         SimpleNamespace(timestep_grid=(249, 999), error_weighting="snr"),
     )
     assert grid["grid"] == [249, 999] and grid["error_weighting"] == "snr"
+    # PPD's user_pair_groups keys (t, noise) by the image pair, not the row: other stored errors
+    grouped = reference_error_inputs(_spec(), SimpleNamespace(user_pair_groups=True))
+    assert grouped == {**dpo, "noise_keys": "image-pair groups"}
+    assert reference_error_inputs(_spec(), SimpleNamespace(user_pair_groups=False)) == dpo
 
 
 @pytest.fixture(scope="module")
