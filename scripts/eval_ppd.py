@@ -12,7 +12,8 @@ interpolation between two users' embeddings.
 Every image is scored by the user it was made for (``overall + strength * taste``). Writes to --output_dir
 (default ``<run_dir>/personal_eval``): ``eval.json`` (the common evaluation format plus per-user rows and every
 per-image score), ``per_user.md``, ``samples.png``, ``retrieval.json``, ``interpolation.json`` and
-``interpolation.png`` when asked, and ``summary.json``. Protocol and layout: ``diffalign/eval/personal.py``.
+``interpolation.png`` when asked (and ``interpolation_study.json``/``.png`` for ``--interpolate_pairs``), and
+``summary.json``. Protocol and layout: ``diffalign/eval/personal.py``.
 Flags may be written --num_users or --num-users.
 """
 
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(p, "batch_size", type=int, default=64, help="images per pipeline call (default 64)")
     _flag(p, "output_dir", default=None, help="default <run_dir>/personal_eval")
     _flag(p, "interpolate", type=int, nargs=2, default=None, metavar=("A", "B"), help="two unseen user ids")
+    _flag(p, "interpolate_pairs", type=int, default=0, metavar="N",
+          help="interpolation study over N pairs of unseen users who answered every question the other way "
+          "(questionnaire runs; mean score changes: diffalign/eval/personal_interpolation.py); 0: off")  # fmt: skip
     _flag(p, "device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     _flag(p, "debug", action="store_true", help="full tracebacks instead of one-line errors")
     return p.parse_args(argv)
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from diffalign.data.ppd import load_test_prompts
     from diffalign.eval import personal
+    from diffalign.eval import personal_interpolation as pi
     from diffalign.eval.benchmark_pickapic import resolve_device
 
     out = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "personal_eval"
@@ -105,16 +110,36 @@ def main(argv: list[str] | None = None) -> dict:
             )
         prompts = list(dict.fromkeys(prompts_of[a] + prompts_of[b]))[: args.num_prompts]
         ta, tb = (personal.user_tokens(encoder, data, u, args.k, split=split) for u in (a, b))
-        curve = personal.interpolation_curve(
+        curve = pi.interpolation_curve(
             pipe, ta, tb, users[a], users[b], prompts, seeds=args.seeds, batch_size=args.batch_size,
             user_scale=args.user_scale, **gen,
         )  # fmt: skip
         (out / "interpolation.json").write_text(json.dumps(curve, indent=2), encoding="utf-8")
-        personal.plot_interpolation(curve, out / "interpolation.png")
+        pi.plot_interpolation(curve, out / "interpolation.png")
         pts = ", ".join(f"{p['alpha']:.2f}: {p['score_a']:.3f}/{p['score_b']:.3f}" for p in curve["points"])
         print(
             f"interpolation user {a} -> {b} (alpha: score of {a}/score of {b}): {pts}; "
             f"monotone {a}: {curve['monotone_a']}, {b}: {curve['monotone_b']}"
+        )
+
+    study = None
+    if args.interpolate_pairs:
+        pairs = pi.opposite_answer_pairs(data, user_ids, k=args.k, split=split)[: args.interpolate_pairs]
+        study = pi.interpolation_study(
+            pipe, encoder, data, pairs, k=args.k, split=split, seeds=args.seeds, batch_size=args.batch_size,
+            user_scale=args.user_scale, **gen,
+        )  # fmt: skip
+        (out / "interpolation_study.json").write_text(json.dumps(study, indent=2), encoding="utf-8")
+        pi.plot_study(study, out / "interpolation_study.png")
+        fmt = (
+            ", ".join(f"{x:+.4f}" for x in study["delta_a"]),
+            ", ".join(f"{x:+.4f}" for x in study["delta_b"]),
+        )
+        print(
+            f"interpolation study, {study['num_pairs']} pairs of users with opposite answers (alphas "
+            f"{study['alphas']}): user a's score change {fmt[0]} (monotone {study['monotone_a']}; "
+            f"{study['pairs_monotone_a']} pairs on their own), user b's {fmt[1]} (monotone {study['monotone_b']}; "
+            f"{study['pairs_monotone_b']})"
         )
 
     keys = ("win_rate", "mean_user_win_rate", "min_user_win_rate", "max_user_win_rate")
@@ -127,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         "vs_against": {key: result["vs_against"][key] for key in keys} if against is not None else None,
         "retrieval": retrieval,
         "interpolation": curve,
+        "interpolation_study": {k: v for k, v in study.items() if k != "curves"} if study else None,
         "output_dir": str(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 from diffalign.data.ppd import build_ppd_data, load_context_pairs, load_test_prompts
 from diffalign.errors import ConfigError
 from diffalign.eval import personal
+from diffalign.eval import personal_interpolation as pi
 from diffalign.eval.compare import generate
 from diffalign.models.lora import add_lora, save_lora
 from diffalign.models.user_attention import add_user_attention, save_user_attention, user_processors
@@ -241,14 +242,14 @@ def test_interpolation_endpoints_are_the_users_own(world, random_pipe, tmp_path)
     users = personal.population_users(world["data"])
     ta, tb = (personal.user_tokens(encoder, world["data"], u, 4) for u in (a, b))
     prompts = load_test_prompts(world["data"])[a][:2]
-    curve = personal.interpolation_curve(pipe, ta, tb, users[a], users[b], prompts, alphas=(0, 0.5, 1), **GEN)
+    curve = pi.interpolation_curve(pipe, ta, tb, users[a], users[b], prompts, alphas=(0, 0.5, 1), **GEN)
     assert [p["alpha"] for p in curve["points"]] == [0.0, 0.5, 1.0]
     assert isinstance(curve["monotone_a"], bool) and isinstance(curve["monotone_b"], bool)
     for point, tokens in ((curve["points"][0], ta), (curve["points"][-1], tb)):
         images = personal.generate_personalized(pipe, prompts, [0, 0], tokens, **GEN)
         assert point["score_a"] == pytest.approx(users[a].score(images, prompts).mean())
         assert point["score_b"] == pytest.approx(users[b].score(images, prompts).mean())
-    assert personal.plot_interpolation(curve, tmp_path / "curve.png").stat().st_size > 0
+    assert pi.plot_interpolation(curve, tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_missing_run_files_are_named(world, tmp_path):
@@ -332,3 +333,48 @@ def test_the_evaluation_reads_the_users_of_the_data_the_run_trained_on(tmp_path)
                               ("sandbox", "sandbox-ppd"), (str(tmp_path / "absent"), "sandbox-ppd")):  # fmt: skip
         (run / "config.json").write_text(json.dumps({"dataset": dataset}))
         assert personal.run_dataset(run) == expected, dataset
+
+
+def test_opposite_answer_pairs_answered_every_question_the_other_way(world):
+    from diffalign.data.ppd_questionnaire import QUESTIONNAIRE_SPLIT
+
+    ids = personal.unseen_user_ids(world["data"])
+    pairs = pi.opposite_answer_pairs(world["data"], ids)
+    assert pairs and len(set(pairs)) == len(pairs) and all(a < b for a, b in pairs)
+    assert pairs == pi.opposite_answer_pairs(world["data"], ids)  # seeded order
+    assert sorted(pairs) != pairs or len(pairs) < 3  # not just the id order
+    answer = {
+        u: [r["preferred"] for r in load_context_pairs(world["data"], u, QUESTIONNAIRE_SPLIT)] for u in ids
+    }
+    opposite = {
+        (a, b) for a in ids for b in ids if a < b and all(x != y for x, y in zip(answer[a], answer[b]))
+    }
+    assert set(pairs) == opposite  # every such pair, and only those (4 questions, two images each)
+    with pytest.raises(ConfigError, match="use the questionnaire split"):
+        pi.opposite_answer_pairs(world["data"], ids, split="context")  # each user's own pairs
+
+
+def test_interpolation_study_averages_each_users_change_from_alpha_zero(world, random_pipe, monkeypatch):
+    pipe, encoder = random_pipe
+    pairs = pi.opposite_answer_pairs(world["data"], personal.unseen_user_ids(world["data"]))[:2]
+    fake = {  # score_a, score_b per alpha, per pair
+        pairs[0]: ([1.0, 0.9, 0.7], [0.0, 0.1, 0.2]),
+        pairs[1]: ([2.0, 2.05, 1.9], [1.0, 0.8, 1.2]),
+    }
+
+    def curve(pipe, ta, tb, ua, ub, prompts, alphas, **kw):
+        sa, sb = fake[(ua.user_id, ub.user_id)]
+        assert len(prompts) >= 1 and tuple(alphas) == (0.0, 0.5, 1.0)
+        pts = [{"alpha": x, "score_a": a, "score_b": b} for x, a, b in zip(alphas, sa, sb)]
+        return {"points": pts, "monotone_a": sa == sorted(sa, reverse=True), "monotone_b": sb == sorted(sb)}
+
+    monkeypatch.setattr(pi, "interpolation_curve", curve)
+    got = pi.interpolation_study(pipe, encoder, world["data"], pairs, alphas=(0.0, 0.5, 1.0))
+    # by hand: a: (0, -0.1, -0.3) and (0, +0.05, -0.1) -> (0, -0.025, -0.2); b: (0, 0.1, 0.2) and (0, -0.2, 0.2)
+    assert got["delta_a"] == pytest.approx([0.0, -0.025, -0.2]) and got["delta_b"] == pytest.approx(
+        [0.0, -0.05, 0.2]
+    )
+    assert got["monotone_a"] is True and got["monotone_b"] is False
+    assert (got["pairs_monotone_a"], got["pairs_monotone_b"], got["num_pairs"]) == (1, 1, 2)
+    with pytest.raises(ConfigError, match="at least one pair"):
+        pi.interpolation_study(pipe, encoder, world["data"], [])

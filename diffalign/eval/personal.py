@@ -35,7 +35,7 @@ image and its base twin differ only by the LoRA and the tokens.
     number above can be recomputed; k, user_scale, user_ids, dataset, split, steps, guidance, seeds, encoder, files.
 
 Also :func:`user_retrieval` (is the embedding of a user's pairs 0..k-1 nearest to the embedding of the same user's
-pairs k..2k-1?) and :func:`interpolation_curve` (scores under both users along tokens blended from user a to b).
+pairs k..2k-1?); interpolation between users: :mod:`diffalign.eval.personal_interpolation`.
 """
 
 from __future__ import annotations
@@ -563,93 +563,14 @@ def user_retrieval(
     }
 
 
-def interpolation_curve(
-    pipe: Any,
-    tokens_a: torch.Tensor,
-    tokens_b: torch.Tensor,
-    user_a: PopulationUser,
-    user_b: PopulationUser,
-    prompts: Sequence[str],
-    alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-    seeds: Sequence[int] = (0,),
-    steps: int = 20,
-    guidance: float = 5.0,
-    *,
-    batch_size: int = 64,
-    user_scale: float = 1.0,
-) -> dict[str, Any]:
-    """Mean score under user a and under user b of images made with ``interpolate(tokens_a, tokens_b, alpha)``, per
-    alpha (same captions and seeds at every alpha). A smooth embedding space moves the images from a's taste to b's:
-    ``monotone_a`` says a's score never rises with alpha, ``monotone_b`` that b's never falls."""
-    from ..models.user_encoder import interpolate
-
-    ps, ss = expand_prompts(list(prompts), seeds)
-    points = []
-    for alpha in alphas:
-        tokens = interpolate(tokens_a, tokens_b, float(alpha))
-        images = generate_personalized(
-            pipe,
-            ps,
-            ss,
-            tokens,
-            steps=steps,
-            guidance=guidance,
-            batch_size=batch_size,
-            user_scale=user_scale,
-            desc=f"alpha {alpha}",
-        )
-        analyses, specs, judged = _judge(images, ps)
-        sa = user_a.score_analyses(analyses, specs, judged["overall"])
-        sb = user_b.score_analyses(analyses, specs, judged["overall"])
-        points.append({"alpha": float(alpha), "score_a": float(sa.mean()), "score_b": float(sb.mean())})
-    a = np.array([p["score_a"] for p in points])
-    b = np.array([p["score_b"] for p in points])
-    return {
-        "user_a": user_a.user_id,
-        "user_b": user_b.user_id,
-        "points": points,
-        "monotone_a": bool(np.all(np.diff(a) <= 0)),
-        "monotone_b": bool(np.all(np.diff(b) >= 0)),
-        "num_prompts": len(prompts),
-        "seeds": [int(s) for s in seeds],
-        "steps": steps,
-        "guidance": guidance,
-    }
-
-
-def plot_interpolation(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Both users' mean scores against alpha (PNG, matplotlib's Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alphas = [p["alpha"] for p in result["points"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, user in (("score_a", result["user_a"]), ("score_b", result["user_b"])):
-        ax.plot(alphas, [p[key] for p in result["points"]], marker="o", label=f"score of user {user}")
-    ax.set_xlabel(f"alpha (0: user {result['user_a']}'s tokens, 1: user {result['user_b']}'s)")
-    ax.set_ylabel("mean user score")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 __all__ = [
     "base_context",
     "evaluate_personal",
     "format_personal",
     "generate_personalized",
-    "interpolation_curve",
     "load_generic",
     "load_personalized",
     "per_user_markdown",
-    "plot_interpolation",
     "population_users",
     "resolve_ppd_dir",
     "run_context_split",
