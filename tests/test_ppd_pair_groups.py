@@ -1,6 +1,6 @@
 """PPD's ``user_pair_groups``: the copies of one image pair that different users labelled are shuffled as a block
 (so they share a batch) and draw the same timestep and noise (so within a block only the user tokens differ).
-Exact orders against hand-derived ones, the grouping of a real build, a resumed grouped run, and the effect."""
+Exact orders against hand-derived ones, the grouping of a real build, and a grouped run that resumes exactly."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from cli_helpers import losses, run_script
 from safetensors.torch import load_file
+from test_ppd_train import _args as ppd_train_args
 
 from diffalign.data.sampler import EpochShuffleSampler, grouped_permutation
 
@@ -86,14 +87,10 @@ def test_pair_groups_of_a_build_are_its_source_pairs(ppd_data):
         assert len({users[r] for r in members}) == len(members)
 
 
-def _args(data, out, *extra, steps=4):
-    return [
-        "--config", "configs/sandbox_ppd.yaml", "--dataset", str(data), "--output_dir", str(out),
-        "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
-        "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none", "--logging_steps", "1",
-        "--train_batch_size", "6", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--use_cache", "false",
-        "--user_tokens", "2", "--user_projector_hidden", "32", "--user_pair_groups", "true", *extra,
-    ]  # fmt: skip
+def _args(data, out, *extra):
+    return ppd_train_args(
+        data, out, "--user_pair_groups", "true", *extra
+    )  # batch 8: whole groups and cut ones
 
 
 def test_grouped_ppd_run_resumes_exactly(ppd_data, tmp_path):
@@ -106,3 +103,54 @@ def test_grouped_ppd_run_resumes_exactly(ppd_data, tmp_path):
         assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0, name
     assert losses(straight)[2:] == losses(cut)[-2:]
     assert json.loads((straight / "config.json").read_text())["user_pair_groups"] is True
+
+
+def test_the_copies_of_a_pair_are_noised_alike_in_the_step():
+    """Rows 0 and 1 copy one image pair (other users), row 2 is another pair: with ``noise_rows`` the copies draw
+    the (t, ε) of their group's first row, so their noised latents are identical; without it each row its own."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffalign.diffusion import noise as dn
+    from diffalign.diffusion import parts
+    from diffalign.models import pipeline as mp
+    from diffalign.objectives.registry import get_objective, params_from_dict
+    from diffalign.training.step import PairStep
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, x, t, encoder_hidden_states=None, **kw):
+            self.calls.append((x.detach().clone(), t.clone()))
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    comps = mp.load_components("sandbox")
+    spec = get_objective("dpo")
+    pix = torch.rand(3, 2, 3, 32, 32) * 2 - 1
+    pix[1] = pix[0]  # the same images, labelled by another user
+    batch = {"pixel_values": pix, "captions": ["a red circle"] * 3, "index": torch.tensor([10, 11, 12]),
+             "label_w": torch.ones(3)}  # fmt: skip
+    seen = {}
+    for grouped in (False, True):
+        unet = Recorder()
+        step = PairStep(
+            spec=spec, params=params_from_dict(spec, {}), comps=comps, unet=unet,
+            reference=lambda u=unet: contextlib.nullcontext(u),
+            alphas_cumprod=dn.scheduler_alphas_cumprod(comps.noise_scheduler), weight_dtype=torch.float32,
+            empty_text=mp.encode_prompts(comps, [""]), seed=3, prompt_dropout=0.0, resolution=32,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+        step.noise_rows = {10: 10, 11: 10, 12: 12} if grouped else None
+        step(batch, epoch=1)
+        seen[grouped] = unet.calls[0]  # the policy forward: [w_0, w_1, w_2, l_0, l_1, l_2]
+    x, t = seen[True]
+    want_t, _, _ = parts.pair_randomness(torch.tensor([10, 10, 12]), 3, 1, (4, 4, 4), 1000)
+    assert torch.equal(t[:3], want_t) and torch.equal(x[0], x[1]) and torch.equal(x[3], x[4])
+    assert not torch.equal(x[0], x[2])
+    x, t = seen[False]
+    assert torch.equal(t[:3], parts.pair_randomness(batch["index"], 3, 1, (4, 4, 4), 1000)[0])
+    assert not torch.equal(x[0], x[1])  # same images, own draws

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..sandbox.user_population import PopulationUser
 from .compare import expand_prompts
 from .personal import _judge, generate_personalized, population_users, user_tokens
+from .plots import plot_lines
 
 
 def interpolation_curve(
@@ -86,26 +87,11 @@ def interpolation_curve(
 
 
 def plot_interpolation(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Both users' mean scores against alpha (PNG, matplotlib's Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alphas = [p["alpha"] for p in result["points"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, user in (("score_a", result["user_a"]), ("score_b", result["user_b"])):
-        ax.plot(alphas, [p[key] for p in result["points"]], marker="o", label=f"score of user {user}")
-    ax.set_xlabel(f"alpha (0: user {result['user_a']}'s tokens, 1: user {result['user_b']}'s)")
-    ax.set_ylabel("mean user score")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """Both users' mean scores against alpha (PNG)."""
+    lines = {f"score of user {result[u]}": [p[k] for p in result["points"]]
+             for k, u in (("score_a", "user_a"), ("score_b", "user_b"))}  # fmt: skip
+    xlabel = f"alpha (0: user {result['user_a']}'s tokens, 1: user {result['user_b']}'s)"
+    return plot_lines([p["alpha"] for p in result["points"]], lines, path, xlabel, "mean user score")
 
 
 def opposite_answer_pairs(
@@ -144,15 +130,11 @@ def interpolation_study(
     k: int = 4,
     split: str = "questionnaire",
     prompts_per_user: int = 4,
-    alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-    seeds: Sequence[int] = (0,),
-    steps: int = 20,
-    guidance: float = 5.0,
-    batch_size: int = 64,
-    user_scale: float = 1.0,
+    **curve_kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`interpolation_curve` for every pair (captions: the first ``prompts_per_user`` test captions of each of
-    the two users) and the mean score changes from ``alpha = 0`` (module docstring)."""
+    the two users; ``curve_kwargs``: its alphas, seeds, steps, guidance, batch_size, user_scale) and the mean score
+    changes from ``alpha = 0`` (module docstring)."""
     if not pairs:
         raise ConfigError("interpolation_study needs at least one pair of users")
     users, prompts_of = population_users(data_dir), load_test_prompts(data_dir)
@@ -160,28 +142,13 @@ def interpolation_study(
     for a, b in pairs:
         prompts = list(dict.fromkeys(prompts_of[a][:prompts_per_user] + prompts_of[b][:prompts_per_user]))
         ta, tb = (user_tokens(encoder, data_dir, u, k, split=split) for u in (a, b))
-        curves.append(
-            interpolation_curve(
-                pipe,
-                ta,
-                tb,
-                users[a],
-                users[b],
-                prompts,
-                alphas=alphas,
-                seeds=seeds,
-                steps=steps,
-                guidance=guidance,
-                batch_size=batch_size,
-                user_scale=user_scale,
-            )  # fmt: skip
-        )
+        curves.append(interpolation_curve(pipe, ta, tb, users[a], users[b], prompts, **curve_kwargs))
     sa = np.array([[p["score_a"] for p in c["points"]] for c in curves])
     sb = np.array([[p["score_b"] for p in c["points"]] for c in curves])
     da, db = (sa - sa[:, :1]).mean(0), (sb - sb[:, :1]).mean(0)
     return {
         "rule": f"unseen users whose {k} answers in {split!r} are all opposite, seeded order",
-        "alphas": [float(x) for x in alphas],
+        "alphas": [p["alpha"] for p in curves[0]["points"]],
         "delta_a": [float(x) for x in da],
         "delta_b": [float(x) for x in db],
         "monotone_a": bool(np.all(np.diff(da) <= 0)),
@@ -195,25 +162,12 @@ def interpolation_study(
 
 def plot_study(result: Mapping[str, Any], path: str | Path) -> Path:
     """The mean score changes of :func:`interpolation_study` against alpha (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(result["alphas"], result["delta_a"], marker="o", label="user a's score - at alpha 0")
-    ax.plot(result["alphas"], result["delta_b"], marker="o", label="user b's score - at alpha 0")
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel(f"alpha (0: a's tokens, 1: b's), mean over {result['num_pairs']} pairs of users")
-    ax.set_ylabel("mean score change")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    lines = {
+        "user a's score - at alpha 0": result["delta_a"],
+        "user b's score - at alpha 0": result["delta_b"],
+    }
+    xlabel = f"alpha (0: a's tokens, 1: b's), mean over {result['num_pairs']} pairs of users"
+    return plot_lines(result["alphas"], lines, path, xlabel, "mean score change", zero_line=True)
 
 
 __all__ = [

@@ -17,6 +17,33 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Write ``fig`` to ``path`` (parent folders created) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, **savefig_kwargs)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_lines(
+    x: Sequence[float], lines: Mapping[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str,
+    zero_line: bool = False,
+) -> Path:  # fmt: skip
+    """One small figure of labelled lines against ``x`` (markers at the points)."""
+    fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+    for label, y in lines.items():
+        ax.plot(x, y, marker="o", label=label)
+    if zero_line:
+        ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
 def _errors(rates: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
     """Win rates and asymmetric error bars ``[2, n]`` (rate − low, high − rate) from ``paired_win_rate`` dicts."""
     w = np.array([r["win_rate"] for r in rates], dtype=float)
@@ -156,8 +183,4 @@ def plot_online_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
