@@ -212,7 +212,7 @@ def reference_error_inputs(spec: Any, params: Any) -> dict[str, Any] | None:
     }
     if not getattr(spec, "shared_noise", True):  # (keys of caches made with shared noise stay as they were)
         out["shared_noise"] = False
-    if getattr(params, "user_pair_groups", False):  # PPD: (t, ε) keyed by the image pair's first row, not the row
+    if getattr(params, "user_pair_groups", False):  # PPD: (t, ε) keyed by the image pair, not the row
         out["noise_keys"] = "image-pair groups"
     if spec.noising == "gaussian":
         return out
