@@ -21,9 +21,8 @@ def resolve_dataset(name: str) -> str:
         from ..sandbox import SANDBOX_DATA
 
         return str(SANDBOX_DATA)
-    if name.startswith(
-        "sandbox-ppd"
-    ):  # the sandbox pairs relabelled by a user population, built once into a cache
+    # the sandbox pairs relabelled by a user population, built once into a cache
+    if name.startswith("sandbox-ppd"):
         from .ppd import named_build_dir
 
         built = named_build_dir(name)
