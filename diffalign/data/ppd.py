@@ -118,13 +118,9 @@ _STREAMS = {"assign": 1, "train_draws": 2, "context": 3, "test_prompts": 4}
 NAMED_BUILD: dict[str, Any] = {}
 """Keyword arguments of :func:`build_ppd_data` for the dataset name ``"sandbox-ppd"`` (empty: the defaults)."""
 
-NAMED_BUILDS: dict[str, dict[str, Any]] = {
-    DATASET_NAME: NAMED_BUILD,
-    # the same pairs, each copied to 6 train users (19,110 rows, about 100 per train user): enough rows per user for
-    # the user branch to learn something (README, PPD); the questionnaire config's data
-    "sandbox-ppd-6u": {"users_per_pair": 6},
-}
-"""Every dataset name that resolves to a PPD build: name -> keyword arguments of :func:`build_ppd_data`."""
+NAMED_BUILDS: dict[str, dict[str, Any]] = {DATASET_NAME: NAMED_BUILD, "sandbox-ppd-6u": {"users_per_pair": 6}}
+"""Every dataset name that resolves to a PPD build: name -> keyword arguments of :func:`build_ppd_data`.
+``sandbox-ppd-6u``: each pair copied to 6 train users (19,110 rows), the questionnaire config's data (README, PPD)."""
 
 _CODE_MODULES = (
     "diffalign.data.ppd",
@@ -688,19 +684,7 @@ def load_users(data_dir: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "named_build_dir",
-    "CONTEXT_SPLIT",
-    "DATASET_NAME",
-    "NAMED_BUILD",
-    "NAMED_BUILDS",
-    "PPD_VERSION",
-    "build_ppd_data",
-    "cache_root",
-    "ensure_ppd_data",
-    "load_context_pairs",
-    "load_test_prompts",
-    "load_users",
-    "ppd_digest",
-    "taste_coverage",
-    "train_pairs_by_user",
-]
+    "CONTEXT_SPLIT", "DATASET_NAME", "NAMED_BUILD", "NAMED_BUILDS", "PPD_VERSION", "build_ppd_data", "cache_root",
+    "ensure_ppd_data", "load_context_pairs", "load_test_prompts", "load_users", "named_build_dir", "ppd_digest",
+    "taste_coverage", "train_pairs_by_user",
+]  # fmt: skip
