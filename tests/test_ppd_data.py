@@ -241,3 +241,11 @@ def test_default_build_counts(tmp_path):
     assert (train["source_rows"], train["source_skipped"], train["rows"]) == (3509, {"tie": 324}, 6370)
     assert (train["rows_per_user"]["min"], train["rows_per_user"]["max"]) == (33, 34)
     assert report["splits"]["context"]["rows"] == report["splits"]["test_users"]["rows"] == 384
+
+
+def test_every_named_build_passes_the_configs_path_check():
+    """config.NAMED_DATASETS (checked before anything heavy is imported) must list every PPD build name, or a
+    config naming a new build fails its pre-flight check as a missing directory."""
+    from diffalign.config import NAMED_DATASETS
+
+    assert set(ppd.NAMED_BUILDS) <= set(NAMED_DATASETS)
