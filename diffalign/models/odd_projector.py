@@ -40,12 +40,16 @@ class OddUserProjector(UserProjector):
 
     def embed_pairs(self, features: Tensor) -> Tensor:
         """``MLP(f) − MLP(s(f))``: odd in the difference block."""
-        k = self.odd_dims
-        swapped = torch.cat([-features[..., :k], features[..., k:]], dim=-1)
-        return self.pair_mlp(features) - self.pair_mlp(swapped)
+        return odd_difference(self.pair_mlp, features, self.odd_dims)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", odd_dims={self.odd_dims}"
+
+
+def odd_difference(mlp: nn.Module, features: Tensor, odd_dims: int) -> Tensor:
+    """``mlp(f) − mlp(s(f))``, ``s`` negating the first ``odd_dims`` features (the pairs answered the other way)."""
+    swapped = torch.cat([-features[..., :odd_dims], features[..., odd_dims:]], dim=-1)
+    return mlp(features) - mlp(swapped)
 
 
 def _without_bias(linear: nn.Linear) -> nn.Linear:

@@ -168,8 +168,10 @@ class UserProjector(nn.Module):
             scores = self.key(h) @ self.query / math.sqrt(self.hidden)
             weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=1)
             pooled = (weights.unsqueeze(-1) * h).sum(dim=1)
-        tokens = self.out(pooled).view(batch, self.num_tokens, self.token_dim)
-        return self.norm(tokens)
+        return self.to_tokens(pooled)
+
+    def to_tokens(self, pooled: Tensor) -> Tensor:  # pooled [B, H] -> tokens (vocab_projector.py overrides it)
+        return self.norm(self.out(pooled).view(len(pooled), self.num_tokens, self.token_dim))
 
     def embed_pairs(self, features: Tensor) -> Tensor:  # per-pair MLP (odd_projector.py overrides it)
         return self.pair_mlp(features)
@@ -183,8 +185,13 @@ class UserProjector(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_projector(*args: Any, odd_dims: int = 0, **kwargs: Any) -> UserProjector:
-    """:class:`UserProjector`, or with ``odd_dims > 0`` its version odd in the choices (``odd_projector.py``)."""
+def make_projector(*args: Any, odd_dims: int = 0, vocab_size: int = 0, **kwargs: Any) -> UserProjector:
+    """:class:`UserProjector`, or with ``odd_dims > 0`` its version odd in the choices (``odd_projector.py``), or
+    with ``vocab_size > 0`` the one whose tokens are mixtures of text phrases (``vocab_projector.py``)."""
+    if vocab_size:
+        from .vocab_projector import VocabUserProjector
+
+        return VocabUserProjector(*args, vocab_size=vocab_size, odd_dims=odd_dims, **kwargs)
     if odd_dims:
         from .odd_projector import OddUserProjector
 
@@ -269,7 +276,10 @@ class UserEncoder:
     def config(self) -> dict[str, Any]:
         """What ``user_encoder.json`` records (the digest aside)."""
         p, keys = self.projector, ("feature_dim", "num_tokens", "token_dim", "hidden", "pool", "odd_dims")
-        return {"format": FORMAT, "featurizer": self.featurizer_config, **{k: getattr(p, k, 0) for k in keys}}
+        out = {"format": FORMAT, "featurizer": self.featurizer_config, **{k: getattr(p, k, 0) for k in keys}}
+        if getattr(p, "vocab_size", 0):  # only then: older encoders' configs and digests stay as they were
+            out.update(vocab_size=p.vocab_size, vocab_phrases=list(p.phrases))
+        return out
 
     def digest(self) -> str:
         """16 hex digits of SHA-256 over the config and the projector weights: names the encoder an embedding came
@@ -333,8 +343,13 @@ class UserEncoder:
             raise ConfigError(
                 f"{cfg_path}: the featurizer (options, F) {given} is not the encoder's {trained}"
             )
+        vocab_size = cfg.get("vocab_size", 0)
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 0:
+            raise ConfigError(f"{cfg_path}: vocab_size must be a non-negative integer, got {vocab_size!r}")
         projector = make_projector(*(cfg[k] for k in ("feature_dim", "num_tokens", "token_dim", "hidden", "pool")),
-                                   odd_dims=cfg.get("odd_dims", 0))  # fmt: skip
+                                   odd_dims=cfg.get("odd_dims", 0), vocab_size=vocab_size)  # fmt: skip
+        if vocab_size:
+            projector.phrases = [str(p) for p in cfg.get("vocab_phrases", [])]
         _, state = _read_safetensors(weights_path, "projector weights (write them with UserEncoder.save)")
         expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

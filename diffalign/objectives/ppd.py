@@ -69,6 +69,14 @@ class PPDParams(DPOParams):
             "no-op) or 'text' (IP-Adapter's: copies of the layer's text key/value projections)"
         },
     )
+    user_vocab: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "phrases the user tokens are mixtures of (diffalign/models/vocab_projector.py; needs "
+            "user_branch_init 'text'), e.g. [large, small, on a black background]; []: tokens anywhere in the text "
+            "space (the plain projector)"
+        },
+    )
     user_token_dropout: float = field(
         default=0.0,
         metadata={
@@ -103,6 +111,13 @@ class PPDParams(DPOParams):
             raise ConfigError(
                 f"config field user_branch_init must be 'zero' or 'text', got {self.user_branch_init!r}"
             )
+        if self.user_vocab and self.user_branch_init != "text":
+            raise ConfigError(
+                "config field user_vocab needs user_branch_init: text (the branch must read the phrase mixtures as "
+                "the text attention reads words)"
+            )
+        if any(not isinstance(p, str) or not p.strip() for p in self.user_vocab):
+            raise ConfigError(f"config field user_vocab needs non-empty phrases, got {self.user_vocab!r}")
         if not 0.0 <= self.user_token_dropout < 1.0:
             raise ConfigError(
                 f"config field user_token_dropout must be in [0, 1), got {self.user_token_dropout}"

@@ -124,7 +124,12 @@ class UserConditioning:
         projector = ue.make_projector(
             featurizer.dim, params.user_tokens, token_dim, params.user_projector_hidden,
             odd_dims=getattr(featurizer, "odd_dims", 0) if params.user_projector_odd else 0, seed=cfg.seed,
+            vocab_size=len(params.user_vocab),
         ).to(run.device)  # fmt: skip
+        if params.user_vocab:  # tokens are mixtures of these phrases' text states (vocab_projector.py)
+            from ..models.vocab_projector import phrase_embeddings
+
+            projector.set_vocab(phrase_embeddings(run.comps, params.user_vocab), params.user_vocab)
         ua.add_user_attention(
             unet, user_dim=token_dim, scale=params.user_scale, seed=cfg.seed, init=params.user_branch_init
         )

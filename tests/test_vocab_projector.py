@@ -1,0 +1,140 @@
+"""User tokens as mixtures of text phrases (``user_vocab``, diffalign/models/vocab_projector.py): the mixture and its
+start by hand, the phrase embeddings against a hand-run text encoder, files, oddness, config errors, and a resumed
+training run through the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cli_helpers import losses, run_script
+from safetensors.torch import load_file
+
+from diffalign.models.user_encoder import UserEncoder, make_projector
+from diffalign.models.vocab_projector import NEUTRAL_LOGIT, VocabUserProjector, phrase_embeddings
+from diffalign.sandbox import SANDBOX_PIPELINE
+
+PHRASES = ["large", "small", "on a black background"]
+
+
+def _projector(odd_dims: int = 0, seed: int = 0) -> VocabUserProjector:
+    p = make_projector(6, 2, 4, 8, vocab_size=3, odd_dims=odd_dims, seed=seed)
+    assert isinstance(p, VocabUserProjector)
+    p.set_vocab(torch.arange(12, dtype=torch.float32).view(3, 4), PHRASES)
+    return p
+
+
+def test_tokens_are_the_softmax_mixture_of_zero_and_the_phrases_by_hand():
+    p = _projector()
+    with torch.no_grad():
+        p.out.weight.zero_()
+        p.out.bias.copy_(torch.tensor([0.0, math.log(2), 0.0, math.log(3), NEUTRAL_LOGIT, 0.0, 0.0, 0.0]))
+    tokens = p(torch.randn(1, 3, 6))
+    # token 0: weights (1, 2, 1, 3) / 7 over (0, E1, E2, E3); token 1: e^4 on zero, 1 on each phrase
+    e = torch.arange(12, dtype=torch.float32).view(3, 4)
+    want0 = (2 * e[0] + e[1] + 3 * e[2]) / 7
+    want1 = (e[0] + e[1] + e[2]) / (math.exp(NEUTRAL_LOGIT) + 3)
+    assert torch.allclose(tokens[0, 0], want0, atol=1e-6) and torch.allclose(tokens[0, 1], want1, atol=1e-6)
+    assert torch.equal(p.vocab[0], torch.zeros(4))  # the zero entry stays zero
+
+
+def test_a_fresh_projector_starts_on_the_zero_entry():
+    p = make_projector(6, 4, 32, 16, vocab_size=19, seed=3)
+    weights = p.mixture(torch.zeros(1, 16))  # a zero pooled input leaves the bias alone
+    want = math.exp(NEUTRAL_LOGIT) / (math.exp(NEUTRAL_LOGIT) + 19)
+    assert torch.allclose(weights[..., 0], torch.full((1, 4), want), atol=1e-6)
+    assert abs(want - 0.742) < 1e-3
+    torch.testing.assert_close(p.mixture(torch.ones(2, 16)).sum(-1), torch.ones(2, 4))
+
+
+def test_odd_vocab_projector_mirrors_the_logits_of_opposite_answers():
+    """With the pair MLP odd in the choices, answering every pair the other way negates W·h: the two users'
+    logits sum to twice the bias."""
+    p = _projector(odd_dims=2, seed=1)
+    f = torch.randn(1, 3, 6)
+    flipped = torch.cat([-f[..., :2], f[..., 2:]], dim=-1)
+    h = lambda x: p.embed_pairs(x).mean(1)  # noqa: E731  (mean pool, no mask)
+    torch.testing.assert_close(p.out(h(f)) + p.out(h(flipped)), 2 * p.out.bias[None], atol=1e-5, rtol=0)
+
+
+def test_phrase_embeddings_average_the_phrase_tokens_of_the_text_encoder():
+    from diffalign.models.pipeline import load_components
+
+    comps = load_components(str(SANDBOX_PIPELINE))
+    got = phrase_embeddings(comps, PHRASES)
+    tok, enc = comps.tokenizers[0], comps.text_encoders[0]
+    ids = tok(
+        ["on a black background"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+    )
+    n = len(tok("on a black background").input_ids)  # start, 4 words' tokens, end
+    with torch.no_grad():
+        states = enc(ids.input_ids)[0][0]
+    assert got.shape == (3, comps.unet.config.cross_attention_dim)
+    torch.testing.assert_close(got[2], states[1 : n - 1].mean(0))
+    assert not torch.allclose(got[0], got[1])
+    with pytest.raises(ValueError, match="non-empty phrases"):
+        phrase_embeddings(comps, ["large", " "])
+
+
+def test_saved_vocab_encoder_loads_with_its_phrases_and_gives_the_same_tokens(tmp_path):
+    p = _projector(seed=2)
+    enc = UserEncoder(p, featurizer_config={"kind": "clip", "model_path": "sandbox-clip"})
+    enc.save(tmp_path / "enc")
+    back = UserEncoder.load(tmp_path / "enc", load_featurizer=False)
+    assert isinstance(back.projector, VocabUserProjector) and back.projector.phrases == PHRASES
+    f = torch.randn(2, 3, 6)
+    assert torch.equal(back.embed_features(f), enc.embed_features(f))
+    assert back.digest() == enc.digest()
+    assert (
+        back.config()["vocab_size"] == 3
+        and "vocab_size"
+        not in UserEncoder(make_projector(6, 2, 4, 8), featurizer_config={"kind": "clip"}).config()
+    )
+
+
+def test_vocab_config_errors():
+    from diffalign.errors import ConfigError
+    from diffalign.objectives.ppd import PPDParams
+
+    with pytest.raises(ConfigError, match="user_vocab needs user_branch_init: text"):
+        PPDParams(user_vocab=["large"])
+    with pytest.raises(ConfigError, match="user_vocab needs non-empty phrases"):
+        PPDParams(user_vocab=["large", ""], user_branch_init="text")
+    with pytest.raises(ValueError, match="need 3 phrases"):
+        _projector().set_vocab(torch.zeros(2, 4), PHRASES[:2])
+
+
+@pytest.fixture(scope="module")
+def ppd_data(tmp_path_factory):
+    from diffalign.data.ppd import build_ppd_data
+
+    out = tmp_path_factory.mktemp("ppd") / "data"
+    build_ppd_data(out, max_source_pairs=240, users_per_pair=4)
+    return out
+
+
+def _args(data, out, *extra, steps=4):
+    return [
+        "--config", "configs/sandbox_ppd_vocab.yaml", "--dataset", str(data), "--output_dir", str(out),
+        "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
+        "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none", "--logging_steps", "1",
+        "--train_batch_size", "8", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--use_cache", "false",
+        "--user_projector_hidden", "32", *extra,
+    ]  # fmt: skip
+
+
+def test_vocab_config_trains_resumes_exactly_and_exports_the_phrases(ppd_data, tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run_script(_args(ppd_data, straight), timeout=900)
+    run_script(_args(ppd_data, cut, "--max_train_steps", "2"), timeout=900)
+    run_script(_args(ppd_data, cut, "--resume_from_checkpoint", str(cut / "checkpoint-2")), timeout=900)
+    for name in ("lora/pytorch_lora_weights.safetensors", "user_attention.safetensors",
+                 "user_encoder/user_projector.safetensors"):  # fmt: skip
+        a, b = load_file(straight / name), load_file(cut / name)
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) == 0.0, name
+    assert losses(straight)[2:] == losses(cut)[-2:]
+    assert abs(losses(straight)[0] - math.log(2)) > 1e-5  # the text-like branch acts from the first step
+    enc = UserEncoder.load(straight / "user_encoder", load_featurizer=False)
+    assert isinstance(enc.projector, VocabUserProjector) and len(enc.projector.phrases) == 19
+    assert enc.projector.phrases[0] == "large" and torch.equal(enc.projector.vocab[0], torch.zeros(32))
