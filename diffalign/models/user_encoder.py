@@ -170,7 +170,8 @@ class UserProjector(nn.Module):
             pooled = (weights.unsqueeze(-1) * h).sum(dim=1)
         return self.to_tokens(pooled)
 
-    def to_tokens(self, pooled: Tensor) -> Tensor:  # pooled [B, H] -> tokens (vocab_projector.py overrides it)
+    # pooled [B, H] -> tokens [B, N, D] (vocab_projector.py overrides it)
+    def to_tokens(self, pooled: Tensor) -> Tensor:
         return self.norm(self.out(pooled).view(len(pooled), self.num_tokens, self.token_dim))
 
     def embed_pairs(self, features: Tensor) -> Tensor:  # per-pair MLP (odd_projector.py overrides it)
