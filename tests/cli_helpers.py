@@ -49,3 +49,33 @@ def run_script(args, launcher=None, timeout=300, check: bool = True, script: Pat
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def heldout_before_and_after(config: str, out: Path, steps: int, *extra: str, draws: int = 2):
+    """Train ``configs/<config>`` for ``steps`` steps in-process (caches under ``out``) and return the held-out
+    implicit accuracy before (validation, one draw) and after (validation + test, ``draws`` draws) training."""
+    from diffalign.config import TrainConfig, parse_config
+    from diffalign.training.heldout import heldout_implicit_accuracy
+    from diffalign.training.offline import OfflinePairsTrainer
+
+    args = ["--config", str(REPO / "configs" / config), "--output_dir", str(out / "run"), "--cache_dir",
+            str(out / "cache"), *extra, "--max_train_steps", str(steps), "--checkpointing_steps", "0",
+            "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none"]  # fmt: skip
+    trainer = OfflinePairsTrainer(parse_config(TrainConfig, args))
+    trainer.setup()
+    before = heldout_implicit_accuracy(trainer, splits=("validation",), draws=1)
+    trainer.train()
+    after = heldout_implicit_accuracy(trainer, draws=draws)
+    trainer.end()
+    return before, after
+
+
+def ppd_args(config: str, data, out, *extra, steps: int = 4) -> list[str]:
+    """A few steps of a PPD config on a small PPD build: checkpoints every 2 steps, batch 8, no caches."""
+    return [
+        "--config", config, "--dataset", str(data), "--output_dir", str(out),
+        "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
+        "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none", "--logging_steps", "1",
+        "--train_batch_size", "8", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--use_cache", "false",
+        "--user_projector_hidden", "32", *extra,
+    ]  # fmt: skip

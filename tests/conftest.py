@@ -29,3 +29,13 @@ def shared_data() -> Path:
             f"real public test data not found at {SHARED_DATA} (only present on the project's machines)"
         )
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ppd_data(tmp_path_factory):
+    """A small PPD build (the first 240 sandbox pairs, 4 users each), shared by the PPD training tests."""
+    from diffalign.data.ppd import build_ppd_data
+
+    out = tmp_path_factory.mktemp("ppd") / "data"
+    build_ppd_data(out, max_source_pairs=240, users_per_pair=4)
+    return out

@@ -276,26 +276,11 @@ def test_a_minute_of_inpo_learns_the_held_out_preferences(tmp_path):
     validation + test pairs with InPO's own noising (their images inverted too, never trained on). Before training
     every margin is exactly 0 (LoRA off = reference); after it, the share of held-out pairs with a positive margin
     must beat chance by three binomial standard deviations."""
-    from cli_helpers import REPO
+    from cli_helpers import heldout_before_and_after
 
-    from diffalign.config import TrainConfig, parse_config
-    from diffalign.training.heldout import heldout_implicit_accuracy
-    from diffalign.training.offline import OfflinePairsTrainer
-
-    cfg = parse_config(
-        TrainConfig,
-        ["--config", str(REPO / "configs" / "sandbox_inpo.yaml"), "--output_dir", str(tmp_path / "run"),
-         "--cache_dir", str(tmp_path / "cache"), "--inversion_model", "reference", "--inversion_cache", "true",
-         "--max_train_steps", "120", "--checkpointing_steps", "0", "--validation_steps", "0", "--skip_eval", "true",
-         "--report_to", "none"],
-    )  # fmt: skip
-    trainer = OfflinePairsTrainer(cfg)
-    trainer.setup()
-    before = heldout_implicit_accuracy(trainer, splits=("validation",), draws=1)
+    cheap = ("--inversion_model", "reference", "--inversion_cache", "true")
+    before, after = heldout_before_and_after("sandbox_inpo.yaml", tmp_path, 120, *cheap)
     assert before["mean_margin"] == 0.0 and before["accuracy"] == 0.0
-    trainer.train()
-    after = heldout_implicit_accuracy(trainer, draws=2)
-    trainer.end()
     print("held-out implicit accuracy after 120 InPO steps:", after)  # shown with pytest -s
     assert after["n"] > 500
     assert after["accuracy"] > after["chance_bound_3sd"] and after["mean_margin"] > 0, after

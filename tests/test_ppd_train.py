@@ -11,29 +11,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import losses, run_script
+from cli_helpers import losses, ppd_args, run_script
 from safetensors.torch import load_file
 
 from diffalign.sandbox import SANDBOX_PIPELINE
 
 
-@pytest.fixture(scope="module")
-def ppd_data(tmp_path_factory):
-    from diffalign.data.ppd import build_ppd_data
-
-    out = tmp_path_factory.mktemp("ppd") / "data"
-    build_ppd_data(out, max_source_pairs=240, users_per_pair=4)
-    return out
-
-
 def _args(data, out, *extra, steps=4):
-    return [
-        "--config", "configs/sandbox_ppd.yaml", "--dataset", str(data), "--output_dir", str(out),
-        "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
-        "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none", "--logging_steps", "1",
-        "--train_batch_size", "8", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--use_cache", "false",
-        "--user_tokens", "2", "--user_projector_hidden", "32", *extra,
-    ]  # fmt: skip
+    return ppd_args("configs/sandbox_ppd.yaml", data, out, "--user_tokens", "2", *extra, steps=steps)
 
 
 def test_ppd_trains_the_user_branch_resumes_exactly_and_exports(ppd_data, tmp_path):

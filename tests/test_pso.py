@@ -260,24 +260,10 @@ def test_a_minute_of_pso_widens_the_held_out_margin_against_the_models_own_sampl
     the held-out (validation + test) preferred images against fresh 4-step samples of the current model, at the grid
     timesteps. Before training every margin is exactly 0 (LoRA off = reference); after it, the share of held-out
     pairs with a positive margin must beat chance by three binomial standard deviations."""
-    from cli_helpers import REPO
+    from cli_helpers import heldout_before_and_after
 
-    from diffalign.training.heldout import heldout_implicit_accuracy
-    from diffalign.training.offline import OfflinePairsTrainer
-
-    cfg = parse_config(
-        TrainConfig,
-        ["--config", str(REPO / "configs" / "sandbox_pso.yaml"), "--output_dir", str(tmp_path / "run"),
-         "--cache_dir", str(tmp_path / "cache"), "--max_train_steps", "100", "--checkpointing_steps", "0",
-         "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none"],
-    )  # fmt: skip
-    trainer = OfflinePairsTrainer(cfg)
-    trainer.setup()
-    before = heldout_implicit_accuracy(trainer, splits=("validation",), draws=1)
+    before, after = heldout_before_and_after("sandbox_pso.yaml", tmp_path, 100)
     assert before["mean_margin"] == 0.0 and before["accuracy"] == 0.0
-    trainer.train()
-    after = heldout_implicit_accuracy(trainer, draws=2)
-    trainer.end()
     assert after["n"] > 500
     assert after["accuracy"] > after["chance_bound_3sd"] and after["mean_margin"] > 0, after
 

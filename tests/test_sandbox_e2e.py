@@ -107,23 +107,10 @@ def test_a_minute_of_dpo_learns_the_held_out_preferences(tmp_path):
     """CI's proof of learning, not only running: 120 steps of the default recipe on the shipped data, then the
     implicit accuracy on the held-out validation + test pairs (≈520 decided pairs, never trained on). Before training
     every margin is exactly 0; after it, accuracy must beat chance by three binomial standard deviations."""
-    from diffalign.config import TrainConfig, parse_config
-    from diffalign.training.heldout import heldout_implicit_accuracy
-    from diffalign.training.offline import OfflinePairsTrainer
+    from cli_helpers import heldout_before_and_after
 
-    cfg = parse_config(
-        TrainConfig,
-        ["--config", str(REPO / "configs" / "sandbox_dpo.yaml"), "--output_dir", str(tmp_path / "run"),
-         "--cache_dir", str(tmp_path / "cache"), "--max_train_steps", "120", "--checkpointing_steps", "0",
-         "--validation_steps", "0", "--skip_eval", "true", "--report_to", "none"],
-    )  # fmt: skip
-    trainer = OfflinePairsTrainer(cfg)
-    trainer.setup()
-    before = heldout_implicit_accuracy(trainer, splits=("validation",), draws=1)
+    before, after = heldout_before_and_after("sandbox_dpo.yaml", tmp_path, 120, draws=4)
     assert before["mean_margin"] == 0.0 and before["accuracy"] == 0.0  # untrained LoRA: policy == reference
-    trainer.train()
-    after = heldout_implicit_accuracy(trainer)
-    trainer.end()
     assert after["n"] > 500
     # measured: 0.575 (0.584 on validation, 0.566 on test) against a bound of 0.566
     assert after["accuracy"] > after["chance_bound_3sd"], after
