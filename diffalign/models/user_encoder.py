@@ -159,6 +159,10 @@ class UserProjector(nn.Module):
             raise ValueError(f"mask must be [B, k] = [{batch}, {k}], got {list(mask.shape)}")
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every row needs at least one unmasked context pair")
+        return self.to_tokens(self.pooled(features, mask))
+
+    def pooled(self, features: Tensor, mask: Tensor) -> Tensor:
+        """``[B, H]``: the pairs' MLP outputs pooled over the unmasked pairs."""
         param = self.out.weight
         h = self.embed_pairs(torch.where(mask.unsqueeze(-1), features, 0).to(param.dtype))
         h = torch.where(mask.unsqueeze(-1), h, 0)  # a masked pair contributes exactly zero
@@ -168,7 +172,7 @@ class UserProjector(nn.Module):
             scores = self.key(h) @ self.query / math.sqrt(self.hidden)
             weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=1)
             pooled = (weights.unsqueeze(-1) * h).sum(dim=1)
-        return self.to_tokens(pooled)
+        return pooled
 
     # pooled [B, H] -> tokens [B, N, D] (vocab_projector.py overrides it)
     def to_tokens(self, pooled: Tensor) -> Tensor:

@@ -92,3 +92,55 @@ def phrase_embeddings(components, phrases: Sequence[str]) -> Tensor:
     tok = components.tokenizers[0]
     lengths = [len(tok(str(p), truncation=True, max_length=tok.model_max_length).input_ids) for p in phrases]
     return torch.stack([states[i, 1 : max(n - 1, 2)].mean(0) for i, n in enumerate(lengths)])
+
+
+def fit_vocab_preferences(
+    projector: VocabUserProjector,
+    context: Tensor,
+    context_mask: Tensor,
+    row_user: Tensor,
+    row_diff: Tensor,
+    phrase_text: Tensor,
+    steps: int,
+    lr: float = 1e-2,
+) -> dict[str, float]:
+    """Fit the projector as a per-user preference model before any DPO step (``user_vocab_fit_steps``).
+
+    User ``u``'s tokens ``token_un = softmax(logits_un) · [0; E]`` give its phrase weights ``w_u = mean_n
+    softmax(logits_un)[1:]`` (``[M]``); a pair of ``u`` whose preferred-minus-rejected image embedding is ``d`` (unit
+    length, the pair encoder's difference block) is scored ``s = τ · Σ_m w_um ⟨d, t_m⟩`` with ``t_m`` the CLIP text
+    embedding of phrase ``m``, and the fit minimises the Bradley–Terry loss ``mean log(1 + e^{−s})`` over every
+    decided training pair (all read preferred first) by full-batch Adam on the projector and ``log τ`` (start
+    ``τ = 10``). So the tokens say, in the phrases, what each user chose; the phrase embeddings ``E`` themselves do
+    not change.
+
+    ``context [U, k, F]`` / ``context_mask [U, k]``: each user's context features; ``row_user [R]``: the user index
+    (into ``context``) of each training pair; ``row_diff [R, C]``: its difference block; ``phrase_text [M, C]``.
+    Returns the loss and pairwise accuracy before and after, and the accuracy of one shared weight vector (the
+    users' mean ``w``), the population's."""
+    log_tau = torch.tensor(float(torch.log(torch.tensor(10.0))), requires_grad=True)
+    sims = row_diff.float() @ phrase_text.float().T  # [R, M]
+
+    def weights() -> Tensor:
+        return projector.mixture(projector.pooled(context, context_mask)).mean(dim=1)[:, 1:]  # [U, M]
+
+    def scores(w: Tensor) -> Tensor:
+        return log_tau.exp() * (sims * w[row_user]).sum(dim=1)
+
+    def stats(prefix: str) -> dict[str, float]:
+        with torch.no_grad():
+            w = weights()
+            s, shared = scores(w), scores(w.mean(0, keepdim=True).expand_as(w))
+            return {f"{prefix}_loss": float(torch.nn.functional.softplus(-s).mean()),
+                    f"{prefix}_accuracy": float((s > 0).float().mean()),
+                    f"{prefix}_shared_accuracy": float((shared > 0).float().mean())}  # fmt: skip
+
+    out = stats("before")
+    optimizer = torch.optim.Adam([*projector.parameters(), log_tau], lr=lr)
+    for _ in range(int(steps)):
+        optimizer.zero_grad()
+        torch.nn.functional.softplus(-scores(weights())).mean().backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients left for a later step's clipping norm to count
+    out.update(stats("after"), tau=float(log_tau.exp()))
+    return out

@@ -77,6 +77,15 @@ class PPDParams(DPOParams):
             "space (the plain projector)"
         },
     )
+    user_vocab_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with user_vocab and a questionnaire context: first fit the projector for this many full-batch "
+            "Adam steps as a per-user preference model (each user's phrase weights score its training pairs in the "
+            "pair encoder's CLIP space, Bradley-Terry), then freeze it, so DPO trains the branch to draw what the "
+            "tokens say; 0: the projector learns from the DPO loss only"
+        },
+    )
     user_token_dropout: float = field(
         default=0.0,
         metadata={
@@ -118,6 +127,15 @@ class PPDParams(DPOParams):
             )
         if any(not isinstance(p, str) or not p.strip() for p in self.user_vocab):
             raise ConfigError(f"config field user_vocab needs non-empty phrases, got {self.user_vocab!r}")
+        if self.user_vocab_fit_steps < 0:
+            raise ConfigError(
+                f"config field user_vocab_fit_steps must be >= 0, got {self.user_vocab_fit_steps}"
+            )
+        if self.user_vocab_fit_steps and not (self.user_vocab and self.user_context_split):
+            raise ConfigError(
+                "config field user_vocab_fit_steps needs user_vocab (phrases to fit) and user_context_split (a "
+                "fixed context per user, e.g. questionnaire)"
+            )
         if not 0.0 <= self.user_token_dropout < 1.0:
             raise ConfigError(
                 f"config field user_token_dropout must be in [0, 1), got {self.user_token_dropout}"

@@ -82,6 +82,7 @@ class UserConditioning:
                 f"split {cfg.split!r} lacks {missing}"
             )
         users = np.asarray(data["user_id"], dtype=np.int64)
+        train_data = data
         # the context may come from another split of the same data (a questionnaire)
         if params.user_context_split:
             try:
@@ -130,6 +131,8 @@ class UserConditioning:
             from ..models.vocab_projector import phrase_embeddings
 
             projector.set_vocab(phrase_embeddings(run.comps, params.user_vocab), params.user_vocab)
+            if params.user_vocab_fit_steps:
+                _fit_vocab(projector, featurizer, train_data, features, user_rows, params, acc)
         ua.add_user_attention(
             unet, user_dim=token_dim, scale=params.user_scale, seed=cfg.seed, init=params.user_branch_init
         )
@@ -230,3 +233,44 @@ class UserConditioning:
         )  # fmt: skip
         encoder = self.encoder().save(output_dir / "user_encoder")
         return {"user_attention": attention, "user_encoder": encoder}
+
+
+def _fit_vocab(projector, featurizer, train_data, features, user_rows, params, acc) -> None:
+    """``user_vocab_fit_steps``: fit the phrase-mixture projector to the training users' own labels
+    (:func:`~diffalign.models.vocab_projector.fit_vocab_preferences`), then freeze it."""
+    import torch.nn.functional as F
+
+    from ..models import user_encoder as ue
+    from ..models.vocab_projector import fit_vocab_preferences
+
+    if not hasattr(getattr(featurizer, "clip", None), "text_features"):
+        raise ConfigError("user_vocab_fit_steps needs a CLIP pair encoder (user_encoder: a CLIP), not a VLM")
+    labels = np.asarray(train_data["label_0"], dtype=np.float64)
+    owners = np.asarray(train_data["user_id"], dtype=np.int64)
+    keep = np.flatnonzero((np.abs(labels - 0.5) > 1e-6) & np.isin(owners, list(user_rows)))
+    order = sorted({int(u) for u in owners[keep]})
+    index = {u: i for i, u in enumerate(order)}
+    k = params.user_context_pairs
+    context, mask = (
+        torch.zeros(len(order), k, features.shape[1]),
+        torch.zeros(len(order), k, dtype=torch.bool),
+    )
+    for u, i in index.items():
+        rows = user_rows[u][:k]
+        context[i, : len(rows)], mask[i, : len(rows)] = features[torch.as_tensor(rows)], True
+    sub = train_data.select(keep.tolist())
+    table = ue.pair_features_table(featurizer, sub["caption"], sub["jpg_0"], sub["jpg_1"], labels[keep],
+                                   progress=acc.is_local_main_process)  # fmt: skip
+    with torch.no_grad():
+        text = F.normalize(featurizer.clip.text_features(list(params.user_vocab)).float(), dim=-1)
+    device = projector.out.weight.device
+    stats = fit_vocab_preferences(
+        projector, context.to(device), mask.to(device), torch.as_tensor([index[int(u)] for u in owners[keep]]),
+        table[:, : featurizer.odd_dims].to(device), text.to(device), params.user_vocab_fit_steps,
+    )  # fmt: skip
+    acc.print(
+        f"user vocab fit: {len(order)} users, {len(keep)} pairs: accuracy {stats['before_accuracy']:.3f} -> "
+        f"{stats['after_accuracy']:.3f} (one weight vector for all users: {stats['after_shared_accuracy']:.3f}), "
+        f"loss {stats['before_loss']:.4f} -> {stats['after_loss']:.4f}, tau {stats['tau']:.2f}; projector frozen"
+    )
+    projector.requires_grad_(False)
