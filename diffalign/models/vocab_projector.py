@@ -142,5 +142,5 @@ def fit_vocab_preferences(
         torch.nn.functional.softplus(-scores(weights())).mean().backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # no stale gradients left for a later step's clipping norm to count
-    out.update(stats("after"), tau=float(log_tau.exp()))
+    out.update(stats("after"), tau=float(log_tau.detach().exp()))
     return out
