@@ -40,7 +40,9 @@ def test_tokens_are_the_softmax_mixture_of_zero_and_the_phrases_by_hand():
 
 
 def test_a_fresh_projector_starts_on_the_zero_entry():
+    state = torch.get_rng_state()
     p = make_projector(6, 4, 32, 16, vocab_size=19, seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # building it leaves the global RNG where it was
     weights = p.mixture(torch.zeros(1, 16))  # a zero pooled input leaves the bias alone
     want = math.exp(NEUTRAL_LOGIT) / (math.exp(NEUTRAL_LOGIT) + 19)
     assert torch.allclose(weights[..., 0], torch.full((1, 4), want), atol=1e-6)

@@ -42,7 +42,9 @@ class VocabUserProjector(UserProjector):
         super().__init__(feature_dim, num_tokens, token_dim, hidden, pool, seed=seed)
         self.vocab_size, self.odd_dims = int(vocab_size), int(odd_dims)
         self.phrases: list[str] = []
-        out = nn.Linear(hidden, self.num_tokens * (self.vocab_size + 1))
+        # as in the base class: nn.Linear's own init must not move the global RNG
+        with torch.random.fork_rng(devices=[]):
+            out = nn.Linear(hidden, self.num_tokens * (self.vocab_size + 1))
         bound = 1.0 / hidden**0.5
         generator = torch.Generator().manual_seed(int(seed) + 1)
         with torch.no_grad():  # seeded like the rest; the bias starts every token on the zero entry
