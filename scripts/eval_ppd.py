@@ -31,6 +31,10 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
     p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
 
 
+def _ci(m: dict) -> str:
+    return f"{m['mean']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _flag(p, "run_dir", required=True, help="the PPD run: lora/, user_attention.safetensors, user_encoder/")
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"interpolation study, {study['num_pairs']} pairs of users with opposite answers (alphas "
             f"{study['alphas']}): user a's score change {fmt[0]} (monotone {study['monotone_a']}; "
             f"{study['pairs_monotone_a']} pairs on their own), user b's {fmt[1]} (monotone {study['monotone_b']}; "
-            f"{study['pairs_monotone_b']})"
+            f"{study['pairs_monotone_b']}); per-pair slope per unit alpha, mean [95% CI]: a "
+            f"{_ci(study['slope_a'])}, b {_ci(study['slope_b'])}"
         )
 
     keys = ("win_rate", "mean_user_win_rate", "min_user_win_rate", "max_user_win_rate")

@@ -376,5 +376,12 @@ def test_interpolation_study_averages_each_users_change_from_alpha_zero(world, r
     )
     assert got["monotone_a"] is True and got["monotone_b"] is False
     assert (got["pairs_monotone_a"], got["pairs_monotone_b"], got["num_pairs"]) == (1, 1, 2)
+    # per-pair slopes by hand (3 equally spaced alphas: (last - first) / 1): a -0.3 and -0.1, b 0.2 and 0.2;
+    # a's interval: -0.2 +- t(0.975, 1) 12.706 * 0.1414 / sqrt(2) = -0.2 +- 1.2706 (contains 0: no trend);
+    # b's has zero width
+    assert got["slope_a"]["mean"] == pytest.approx(-0.2)
+    assert got["slope_a"]["ci_high"] == pytest.approx(1.0706, abs=1e-3)
+    assert got["slope_b"]["mean"] == pytest.approx(0.2) and got["slope_b"]["ci_low"] == pytest.approx(0.2)
+    assert got["trend_a"] is False and got["trend_b"] is True
     with pytest.raises(ConfigError, match="at least one pair"):
         pi.interpolation_study(pipe, encoder, world["data"], [])

@@ -12,7 +12,10 @@ makes them exact negatives) -- and averages each user's score change from ``alph
     delta_b(alpha) = mean over pairs of (score_b(alpha) - score_b(0))   # should rise: towards b's
 
 ``monotone_a`` / ``monotone_b`` of the study are those of the mean curves; ``pairs_monotone_a/b`` count the pairs
-whose own curve is.
+whose own curve is. A mean curve with four steps is monotone by chance when the effect is a few thousandths, so the
+study also reports a trend test that uses every pair: each pair's least-squares slope of score against alpha, and
+their mean with a Student-t 95% interval over the pairs (``slope_a``, ``slope_b``); ``trend_a`` is true when a's
+interval lies below 0, ``trend_b`` when b's lies above 0.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..sandbox.user_population import PopulationUser
 from .compare import expand_prompts
 from .personal import _judge, generate_personalized, population_users, user_tokens
 from .plots import plot_lines
+from .stats import mean_ci
 
 
 def interpolation_curve(
@@ -146,6 +150,8 @@ def interpolation_study(
     sa = np.array([[p["score_a"] for p in c["points"]] for c in curves])
     sb = np.array([[p["score_b"] for p in c["points"]] for c in curves])
     da, db = (sa - sa[:, :1]).mean(0), (sb - sb[:, :1]).mean(0)
+    alphas = np.array([p["alpha"] for p in curves[0]["points"]])
+    slope_a, slope_b = (mean_ci(_slopes(alphas, s)) for s in (sa, sb))
     return {
         "rule": f"unseen users whose {k} answers in {split!r} are all opposite, seeded order",
         "alphas": [p["alpha"] for p in curves[0]["points"]],
@@ -155,9 +161,19 @@ def interpolation_study(
         "monotone_b": bool(np.all(np.diff(db) >= 0)),
         "pairs_monotone_a": int(sum(c["monotone_a"] for c in curves)),
         "pairs_monotone_b": int(sum(c["monotone_b"] for c in curves)),
+        "slope_a": slope_a,
+        "slope_b": slope_b,
+        "trend_a": bool(slope_a["ci_high"] < 0),  # False when the interval is NaN (a single pair)
+        "trend_b": bool(slope_b["ci_low"] > 0),
         "num_pairs": len(curves),
         "curves": curves,
     }
+
+
+def _slopes(alphas: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of ``scores`` [pairs, alphas] against ``alphas``."""
+    x = alphas - alphas.mean()
+    return (scores - scores.mean(1, keepdims=True)) @ x / float(x @ x)
 
 
 def plot_study(result: Mapping[str, Any], path: str | Path) -> Path:
