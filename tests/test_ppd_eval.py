@@ -261,17 +261,21 @@ def test_missing_run_files_are_named(world, tmp_path):
         personal.load_personalized(SANDBOX_PIPELINE, tmp_path)
 
 
-def test_script_end_to_end(world, tmp_path, capsys):
+def test_script_end_to_end(world, tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "eval_ppd", Path(__file__).parents[1] / "scripts/eval_ppd.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     a, b = world["users"]
+    # the study pairs users who answered the questionnaire the other way; this run reads the paper's context
+    # pairs, so the pair is given (the rule itself: test_opposite_answer_pairs_...)
+    monkeypatch.setattr(pi, "opposite_answer_pairs", lambda *args, **kw: [(a, b)])
     summary = module.main(
         ["--run_dir", str(world["runs"]["random"]), "--model", str(SANDBOX_PIPELINE), "--data", str(world["data"]),
          "--num_users", "2", "--steps", "4", "--num-prompts", "2", "--against", str(world["runs"]["zero"]),
-         "--interpolate", str(a), str(b), "--output_dir", str(tmp_path), "--device", "cpu"]
+         "--interpolate", str(a), str(b), "--interpolate_pairs", "1", "--output_dir", str(tmp_path),
+         "--device", "cpu"]
     )  # fmt: skip
     for name in (
         "eval.json",
@@ -279,13 +283,20 @@ def test_script_end_to_end(world, tmp_path, capsys):
         "samples.png",
         "retrieval.json",
         "interpolation.png",
+        "interpolation_study.json",
+        "interpolation_study.png",
         "summary.json",
     ):
         assert (tmp_path / name).is_file(), name
     assert summary["win_rate"]["n"] == 4 and summary["vs_against"] is not None
     assert summary["retrieval"]["num_users"] == 2 and len(summary["interpolation"]["points"]) == 5
+    study = summary["interpolation_study"]
+    assert study["num_pairs"] == 1 and study["slope_a"]["n"] == 1 and "curves" not in study
+    # one pair: no interval, so no trend is claimed
+    assert study["trend_a"] is False and study["trend_b"] is False
     text = capsys.readouterr().out
     assert "win rate" in text and "user retrieval" in text and "interpolation" in text
+    assert "per-pair slope per unit alpha" in text
 
 
 def test_questionnaire_context_split(world, random_pipe, tmp_path):
