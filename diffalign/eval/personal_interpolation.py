@@ -154,7 +154,7 @@ def interpolation_study(
     slope_a, slope_b = (mean_ci(_slopes(alphas, s)) for s in (sa, sb))
     return {
         "rule": f"unseen users whose {k} answers in {split!r} are all opposite, seeded order",
-        "alphas": [p["alpha"] for p in curves[0]["points"]],
+        "alphas": [float(x) for x in alphas],
         "delta_a": [float(x) for x in da],
         "delta_b": [float(x) for x in db],
         "monotone_a": bool(np.all(np.diff(da) <= 0)),
