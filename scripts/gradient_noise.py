@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""How many samples does one update of an online objective need? The gradient noise scale at the start of a run.
+
+    python scripts/gradient_noise.py                                   # PRDP's sandbox recipe, 16 independent epochs
+    python scripts/gradient_noise.py --config configs/sandbox_ddpo.yaml --epochs 24
+    python scripts/gradient_noise.py --compare_reward sandbox-judge    # + the judge's gradient on the same samples
+
+With the weights fixed at the start (θ = θ_old, nothing is updated), ``--epochs`` independent epochs are sampled
+exactly as the training loop samples them (same prompts stream, noise, trained steps, objective) and every
+micro-batch's gradient ``g_i`` of the trainable weights is kept. From n micro-batch gradients of B prompts each:
+
+* ``|G|^2``, the squared norm of the expected gradient, unbiased: the mean of ``g_i . g_j`` over i != j;
+* ``tr(S_B) = mean |g_i|^2 - |G|^2``, the variance of one micro-batch's gradient;
+* the **critical batch** ``B_crit = B * tr(S_B) / |G|^2`` in prompts (McCandlish et al. 2018, "An empirical model of
+  large-batch training", B_simple): an update's gradient has signal-to-noise ratio about 1 when it averages
+  ``B_crit`` prompts; below it, updates are mostly noise and Adam turns noise into full-size steps;
+* the mean cosine of two micro-batch gradients (near 0: the updates do not agree on a direction);
+* a leave-one-out jackknife standard error of ``|G|^2``, and with it a lower bound of the critical batch that holds
+  when ``|G|^2`` itself is not resolved from zero (then the critical batch is "infinite" and only the bound says
+  something: each update needs at least that many prompts before its signal matches its noise).
+
+``--compare_reward NAME`` also scores every sample with NAME and takes the same objective's gradients with those
+rewards (same samples, same steps): the cosine between the two expected gradients says whether ascending the
+training reward ascends NAME (the judge, say) at the start. Prints a table and writes JSON (``--out``). Every other
+flag is a config field, as for ``scripts/train_online.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sandbox_prdp.yaml"
+
+
+def noise_scale(grads, prompts_per_grad: int) -> dict[str, float]:
+    """Estimates from ``grads`` [n, d] (n >= 3 independent micro-batch gradients of ``prompts_per_grad`` prompts),
+    with a leave-one-out jackknife standard error of ``|G|^2`` and a lower bound of the critical batch (``|G|^2`` +
+    2 SE in the denominator) that holds even when ``|G|^2`` is not resolved from zero."""
+    g = grads.double()
+    n = g.shape[0]
+    if n < 3:
+        raise ValueError("need at least three independent gradients")
+    gram = g @ g.T
+    sq = gram.diagonal()
+    off = gram.sum() - sq.sum()  # sum over i != j of g_i . g_j
+    cross = off / (n * (n - 1))
+    var = sq.mean() - cross
+    loo = (off - 2 * (gram.sum(1) - sq)) / ((n - 1) * (n - 2))  # cross without gradient k
+    se = ((n - 1) / n * ((loo - loo.mean()) ** 2).sum()).sqrt()
+    norms = sq.sqrt().clamp_min(1e-300)
+    cos = gram / norms.unsqueeze(0) / norms.unsqueeze(1)
+    bound = cross + 2 * se
+    return {
+        "n_gradients": n,
+        "prompts_per_gradient": prompts_per_grad,
+        "expected_grad_sq_norm": float(cross),
+        "expected_grad_sq_norm_se": float(se),
+        "micro_batch_grad_sq_norm": float(sq.mean()),
+        "micro_batch_variance": float(var),
+        "critical_batch_prompts": float(prompts_per_grad * var / cross) if cross > 0 else float("inf"),
+        "critical_batch_prompts_lower_bound": float(prompts_per_grad * var / bound)
+        if bound > 0
+        else float("inf"),
+        "mean_pairwise_cosine": float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))),
+        "snr_per_micro_batch": float(cross / var) if var > 0 else float("inf"),
+    }
+
+
+def expected_cosine(a, b) -> float:
+    """Cosine between the expected gradients of two paired sets [n, d] (row i of both from the same samples), from
+    cross products over i != j only, so that neither the noise of one micro-batch nor the pairing biases it."""
+    a, b = a.double(), b.double()
+    n = a.shape[0]
+
+    def cross(x, y):
+        return (x.sum(0) @ y.sum(0) - (x * y).sum()) / (n * (n - 1))
+
+    aa, bb = cross(a, a), cross(b, b)
+    return float(cross(a, b) / (aa * bb).sqrt()) if aa > 0 and bb > 0 else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument(
+        "--epochs", type=int, default=16, help="independent epochs sampled at the starting weights"
+    )
+    p.add_argument(
+        "--compare_reward", default=None, help="a second reward (e.g. sandbox-judge) on the same samples"
+    )
+    p.add_argument("--out", default="outputs/gradient_noise.json")
+    p.add_argument("-h", "--help", action="store_true")
+    own, rest = p.parse_known_args(argv)
+    if own.help:
+        p.print_help()
+        print("\nevery other flag is a config field of scripts/train_online.py")
+        return {}
+    from diffalign.config import OnlineConfig, parse_config
+
+    if "--config" not in rest:
+        rest = ["--config", str(DEFAULT_CONFIG), *rest]
+    import tempfile
+
+    rest = [*rest, "--output_dir", tempfile.mkdtemp(prefix="diffalign-gradnoise-"), "--report_to", "none"]
+    cfg = parse_config(OnlineConfig, rest)
+    cfg.check_paths()
+    if own.epochs * max(1, cfg.prompts_per_epoch // cfg.train_batch_size) < 3:
+        sys.exit(
+            "gradient_noise: --epochs x micro-batches per epoch must be at least 3 (independent gradients)"
+        )
+
+    import torch
+
+    from diffalign.training.online import OnlineTrainer, reward_function
+
+    t = OnlineTrainer(cfg)
+    t.setup()
+    params = [q for q in t.run.unet.parameters() if q.requires_grad]
+    other = reward_function(own.compare_reward, t.accelerator.device) if own.compare_reward else None
+    grads: dict[str, list] = {cfg.reward: [], **({own.compare_reward: []} if other else {})}
+    n_img, bsz = cfg.images_per_prompt, cfg.train_batch_size
+    for e in range(own.epochs):
+        samples, _ = t.sample_epoch(e)
+        t.epoch = e
+        sets = {cfg.reward: samples.rewards}
+        if other:
+            sets[own.compare_reward] = other(samples.images, samples.prompts).float()
+        n_groups = len(samples.prompts) // n_img
+        for b in range(0, n_groups, bsz):
+            gs = torch.arange(b, min(b + bsz, n_groups))
+            rows = (gs.unsqueeze(1) * n_img + torch.arange(n_img)).flatten()
+            steps = torch.stack(
+                [t._step_choice(e, 0, int(samples.groups[g * n_img])) for g in gs.tolist()]
+            ).repeat_interleave(n_img, dim=0)
+            for name, rewards in sets.items():
+                samples.rewards = rewards
+                loss, _ = t.spec.loss(
+                    t.trajectory_inputs(samples, rows, steps, t._advantages(samples)), cfg.params
+                )
+                g = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+                grads[name].append(torch.cat([(x if x is not None else torch.zeros_like(q)).flatten()
+                                              for x, q in zip(g, params)]).cpu())  # fmt: skip
+        print(f"epoch {e + 1}/{own.epochs}: {len(grads[cfg.reward])} micro-batch gradients", flush=True)
+
+    out: dict = {"config": rest, "epochs": own.epochs, "objective": cfg.objective, "rewards": {}}
+    for name, gl in grads.items():
+        out["rewards"][name] = noise_scale(torch.stack(gl), bsz)
+    update_prompts = bsz * cfg.gradient_accumulation_steps
+    out["prompts_per_update"] = update_prompts
+    print(f"\n{cfg.objective}, {own.epochs} epochs at the starting weights; an update averages {update_prompts} prompts "
+          f"x {n_img} images")  # fmt: skip
+    print(
+        "| reward | micro-batch gradients | mean cosine of two | SNR of one micro-batch | critical batch (prompts) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, est in out["rewards"].items():
+        print(f"| {name} | {est['n_gradients']} x {bsz} prompts | {est['mean_pairwise_cosine']:.3f} | "
+              f"{est['snr_per_micro_batch']:.4f} ({est['expected_grad_sq_norm_se'] / est['micro_batch_variance']:.4f}) | "
+              f"{est['critical_batch_prompts']:.0f} (> {est['critical_batch_prompts_lower_bound']:.0f}) |")  # fmt: skip
+    if other:
+        c = expected_cosine(torch.stack(grads[cfg.reward]), torch.stack(grads[own.compare_reward]))
+        out["cosine_of_expected_gradients"] = c
+        print(
+            f"cosine between the two rewards' expected gradients: {c:.3f} (NaN: a norm estimate is not positive)"
+        )
+    Path(own.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(own.out).write_text(json.dumps(out, indent=1))
+    print(f"written: {own.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
