@@ -4,6 +4,7 @@
     python scripts/gradient_noise.py                                   # PRDP's sandbox recipe, 16 independent epochs
     python scripts/gradient_noise.py --config configs/sandbox_ddpo.yaml --epochs 24
     python scripts/gradient_noise.py --compare_reward sandbox-judge    # + the judge's gradient on the same samples
+    python scripts/gradient_noise.py --config configs/sandbox_dpo.yaml --batches 160 --train_batch_size 4   # offline
 
 With the weights fixed at the start (θ = θ_old, nothing is updated), ``--epochs`` independent epochs are sampled
 exactly as the training loop samples them (same prompts stream, noise, trained steps, objective) and every
@@ -21,7 +22,12 @@ micro-batch's gradient ``g_i`` of the trainable weights is kept. From n micro-ba
 
 ``--compare_reward NAME`` also scores every sample with NAME and takes the same objective's gradients with those
 rewards (same samples, same steps): the cosine between the two expected gradients says whether ascending the
-training reward ascends NAME (the judge, say) at the start. Prints a table and writes JSON (``--out``). Every other
+training reward ascends NAME (the judge, say) at the start.
+
+An offline config (``loop`` of its objective: Diffusion-DPO and the other pair methods) is measured the same way on
+``--batches`` consecutive micro-batches of its data loader (``train_batch_size`` pairs each, each pair's noise and t
+as in training): the same quantities in pairs instead of prompts, for comparing a step of the offline core with an
+online update. Prints a table and writes JSON (``--out``). Every other
 flag is a config field, as for ``scripts/train_online.py``.
 """
 
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--compare_reward", default=None, help="a second reward (e.g. sandbox-judge) on the same samples"
     )
+    p.add_argument(
+        "--batches", type=int, default=160, help="offline configs: micro-batches of the data loader"
+    )
     p.add_argument("--out", default="outputs/gradient_noise.json")
     p.add_argument("-h", "--help", action="store_true")
     own, rest = p.parse_known_args(argv)
@@ -100,13 +109,19 @@ def main(argv: list[str] | None = None) -> dict:
         p.print_help()
         print("\nevery other flag is a config field of scripts/train_online.py")
         return {}
-    from diffalign.config import OnlineConfig, parse_config
+    import tempfile
+
+    from diffalign.config import OnlineConfig, TrainConfig, load_yaml, parse_config
+    from diffalign.objectives.registry import get_objective
 
     if "--config" not in rest:
         rest = ["--config", str(DEFAULT_CONFIG), *rest]
-    import tempfile
-
     rest = [*rest, "--output_dir", tempfile.mkdtemp(prefix="diffalign-gradnoise-"), "--report_to", "none"]
+    objective = load_yaml(rest[rest.index("--config") + 1]).get("objective", "dpo")
+    if "--objective" in rest:
+        objective = rest[rest.index("--objective") + 1]
+    if get_objective(objective).loop != "online":
+        return offline(parse_config(TrainConfig, rest), own, rest)
     cfg = parse_config(OnlineConfig, rest)
     cfg.check_paths()
     if own.epochs * max(1, cfg.prompts_per_epoch // cfg.train_batch_size) < 3:
@@ -123,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     params = [q for q in t.run.unet.parameters() if q.requires_grad]
     other = reward_function(own.compare_reward, t.accelerator.device) if own.compare_reward else None
     grads: dict[str, list] = {cfg.reward: [], **({own.compare_reward: []} if other else {})}
+    states: dict[str, dict] = {
+        name: {} for name in grads
+    }  # per-prompt reward statistics (DDPO), one per reward
     n_img, bsz = cfg.images_per_prompt, cfg.train_batch_size
     for e in range(own.epochs):
         samples, _ = t.sample_epoch(e)
@@ -130,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
         sets = {cfg.reward: samples.rewards}
         if other:
             sets[own.compare_reward] = other(samples.images, samples.prompts).float()
+        advantages = {}
+        for name, rewards in sets.items():  # once per epoch and reward, as the loop does
+            samples.rewards, t.reward_state = rewards, states[name]
+            advantages[name] = t._advantages(samples)
         n_groups = len(samples.prompts) // n_img
         for b in range(0, n_groups, bsz):
             gs = torch.arange(b, min(b + bsz, n_groups))
@@ -139,39 +161,78 @@ def main(argv: list[str] | None = None) -> dict:
             ).repeat_interleave(n_img, dim=0)
             for name, rewards in sets.items():
                 samples.rewards = rewards
-                loss, _ = t.spec.loss(
-                    t.trajectory_inputs(samples, rows, steps, t._advantages(samples)), cfg.params
-                )
+                loss, _ = t.spec.loss(t.trajectory_inputs(samples, rows, steps, advantages[name]), cfg.params)
                 g = torch.autograd.grad(loss.mean(), params, allow_unused=True)
                 grads[name].append(torch.cat([(x if x is not None else torch.zeros_like(q)).flatten()
                                               for x, q in zip(g, params)]).cpu())  # fmt: skip
         print(f"epoch {e + 1}/{own.epochs}: {len(grads[cfg.reward])} micro-batch gradients", flush=True)
 
     out: dict = {"config": rest, "epochs": own.epochs, "objective": cfg.objective, "rewards": {}}
-    for name, gl in grads.items():
-        out["rewards"][name] = noise_scale(torch.stack(gl), bsz)
     update_prompts = bsz * cfg.gradient_accumulation_steps
     out["prompts_per_update"] = update_prompts
     print(f"\n{cfg.objective}, {own.epochs} epochs at the starting weights; an update averages {update_prompts} prompts "
           f"x {n_img} images")  # fmt: skip
-    print(
-        "| reward | micro-batch gradients | mean cosine of two | SNR of one micro-batch | critical batch (prompts) |"
-    )
-    print("|---|---|---|---|---|")
-    for name, est in out["rewards"].items():
-        print(f"| {name} | {est['n_gradients']} x {bsz} prompts | {est['mean_pairwise_cosine']:.3f} | "
-              f"{est['snr_per_micro_batch']:.4f} ({est['expected_grad_sq_norm_se'] / est['micro_batch_variance']:.4f}) | "
-              f"{est['critical_batch_prompts']:.0f} (> {est['critical_batch_prompts_lower_bound']:.0f}) |")  # fmt: skip
+    report(out, {name: torch.stack(gl) for name, gl in grads.items()}, bsz, "prompts")
     if other:
         c = expected_cosine(torch.stack(grads[cfg.reward]), torch.stack(grads[own.compare_reward]))
         out["cosine_of_expected_gradients"] = c
         print(
             f"cosine between the two rewards' expected gradients: {c:.3f} (NaN: a norm estimate is not positive)"
         )
-    Path(own.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(own.out).write_text(json.dumps(out, indent=1))
-    print(f"written: {own.out}")
+    return write(out, own.out)
+
+
+def report(out: dict, grads: dict, per_grad: int, unit: str) -> None:
+    """Estimates of every set of gradients into ``out["rewards"]``, printed as a table."""
+    print(f"| gradient of | micro-batch gradients | mean cosine of two | SNR of one micro-batch (SE) | critical batch, "
+          f"{unit} (2-SE lower bound) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name, g in grads.items():
+        est = out["rewards"][name] = noise_scale(g, per_grad)
+        print(f"| {name} | {est['n_gradients']} x {per_grad} {unit} | {est['mean_pairwise_cosine']:.3f} | "
+              f"{est['snr_per_micro_batch']:.4f} ({est['expected_grad_sq_norm_se'] / est['micro_batch_variance']:.4f}) | "
+              f"{est['critical_batch_prompts']:.0f} (> {est['critical_batch_prompts_lower_bound']:.0f}) |")  # fmt: skip
+
+
+def write(out: dict, path: str) -> dict:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+    print(f"written: {path}")
     return out
+
+
+def offline(cfg, own, rest: list[str]) -> dict:
+    """The offline core's step: gradients of ``own.batches`` consecutive micro-batches at the starting weights."""
+    import torch
+
+    from diffalign.training.offline import OfflinePairsTrainer
+
+    cfg.check_paths()
+    if own.batches < 3:
+        sys.exit("gradient_noise: --batches must be at least 3 (independent gradients)")
+    t = OfflinePairsTrainer(cfg)
+    t.setup()
+    params = [q for q in t.run.unet.parameters() if q.requires_grad]
+    grads, epoch = [], 0
+    while len(grads) < own.batches:
+        t.data.set_epoch(epoch)
+        for batch in t.dataloader:
+            batch["epoch"] = epoch
+            loss, _ = t.compute_loss(batch)
+            g = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+            grads.append(torch.cat([(x if x is not None else torch.zeros_like(q)).flatten()
+                                    for x, q in zip(g, params)]).cpu())  # fmt: skip
+            if len(grads) == own.batches:
+                break
+        epoch += 1
+    out: dict = {"config": rest, "batches": own.batches, "objective": cfg.objective, "rewards": {}}
+    update = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    out["pairs_per_update"] = update
+    print(
+        f"\n{cfg.objective}, {own.batches} micro-batches at the starting weights; an update averages {update} pairs"
+    )
+    report(out, {"preference labels": torch.stack(grads)}, cfg.train_batch_size, "pairs")
+    return write(out, own.out)
 
 
 if __name__ == "__main__":

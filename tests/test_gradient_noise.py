@@ -60,10 +60,11 @@ def test_expected_cosine_ignores_the_shared_noise_of_paired_gradients():
     assert gn.expected_cosine(a_sig + shared, a_sig + shared) == pytest.approx(1.0)
 
 
-def test_the_script_runs_an_online_recipe_and_writes_its_table(tmp_path, capsys):
+@pytest.mark.parametrize("config", ["sandbox_prdp.yaml", "sandbox_ddpo.yaml"])
+def test_the_script_runs_an_online_recipe_and_writes_its_table(tmp_path, capsys, config):
     out = tmp_path / "g.json"
     gn.main([
-        "--epochs", "2", "--prompts_per_epoch", "4", "--images_per_prompt", "2", "--train_batch_size", "2",
+        "--config", str(REPO / "configs" / config), "--epochs", "2", "--prompts_per_epoch", "4", "--images_per_prompt", "2", "--train_batch_size", "2",
         "--sample_steps", "4", "--compare_reward", "sandbox-judge", "--out", str(out),
     ])  # fmt: skip
     res = json.loads(out.read_text())
@@ -72,3 +73,17 @@ def test_the_script_runs_an_online_recipe_and_writes_its_table(tmp_path, capsys)
     for est in res["rewards"].values():
         assert est["n_gradients"] == 4 and est["micro_batch_grad_sq_norm"] > 0
     assert "critical batch" in printed and "cosine_of_expected_gradients" in res
+    assert res["objective"] == config.split("_")[1].split(".")[0]
+
+
+def test_the_script_measures_the_offline_core_step_in_pairs(tmp_path, capsys):
+    out = tmp_path / "dpo.json"
+    gn.main([
+        "--config", str(REPO / "configs" / "sandbox_dpo.yaml"), "--batches", "3", "--train_batch_size", "2",
+        "--max_train_samples", "16", "--cache_dir", str(tmp_path / "cache"), "--out", str(out),
+    ])  # fmt: skip
+    res = json.loads(out.read_text())
+    est = res["rewards"]["preference labels"]
+    assert res["objective"] == "dpo" and res["pairs_per_update"] == 2 and est["n_gradients"] == 3
+    assert est["prompts_per_gradient"] == 2 and est["micro_batch_grad_sq_norm"] > 0
+    assert "critical batch, pairs" in capsys.readouterr().out
