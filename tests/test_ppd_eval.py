@@ -232,8 +232,30 @@ def test_user_retrieval(world, random_pipe):
     assert real["num_users"] == 3 and set(real["nearest"]) == {str(u) for u in ids}
     ids = personal.unseen_user_ids(world["data"])[:6]
     known = personal.user_retrieval(OneHotEncoder(world["data"], ids), world["data"], user_ids=ids, k=4)
-    assert known["top1_accuracy"] == 1.0 and known["same_user_cosine"] == pytest.approx(1.0)
+    assert known["top1_accuracy"] == 1.0 and known["top1_accuracy_reverse"] == 1.0
+    assert known["same_user_cosine"] == pytest.approx(1.0)
     assert known["different_user_cosine"] == pytest.approx(0.0) and known["chance"] == pytest.approx(1 / 6)
+
+
+def test_reverse_retrieval_matches_free_context_among_same_pair_answers(monkeypatch):
+    """Tokens = what the images show (large, per pair set) + who chose (small, the user's one-hot): questionnaire
+    tokens share their content, context tokens do not. Forward (questionnaire -> context candidates), the content of
+    the candidates decides and every query lands on one user; the reverse compares candidates that read the same
+    pairs, so only the choices decide and every user is found."""
+    ids, n = [11, 12, 13, 14, 15], 5
+    g = torch.Generator().manual_seed(0)
+    common, own = torch.randn(16, generator=g), torch.randn(n, 16, generator=g)
+
+    def tokens(encoder, data_dir, uid, k, start=0, split="context"):
+        j = ids.index(uid)
+        content = common if split == "questionnaire" else own[j]
+        return torch.cat([0.1 * torch.nn.functional.one_hot(torch.tensor(j), n).float(), 10 * content])[None]
+
+    monkeypatch.setattr(personal, "user_tokens", tokens)
+    monkeypatch.setattr(personal, "resolve_ppd_dir", lambda d: d)
+    r = personal.user_retrieval(None, "unused", user_ids=ids, k=4, splits=("questionnaire", "context"))
+    assert r["top1_accuracy_reverse"] == 1.0 and r["top1_accuracy"] == pytest.approx(1 / n)
+    assert len(set(r["nearest"].values())) == 1  # the forward direction picks one candidate for everybody
 
 
 def test_interpolation_endpoints_are_the_users_own(world, random_pipe, tmp_path):

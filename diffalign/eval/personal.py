@@ -531,7 +531,12 @@ def user_retrieval(
     """Does the encoder tell users apart? Each user is embedded twice, from its pairs ``0..k-1`` of ``splits[0]``
     and from pairs of ``splits[1]`` (``k..2k-1`` when it is the same split, so the two sets are disjoint; else
     ``0..k-1``); a user is retrieved when the nearest second-set embedding (cosine over the flattened tokens) to its
-    first-set embedding is its own. Chance is ``1 / num_users``."""
+    first-set embedding is its own. Chance is ``1 / num_users``.
+
+    ``top1_accuracy_reverse`` matches the other way: each second-set embedding among every user's first-set ones.
+    With ``splits[0] == "questionnaire"`` every candidate then read the *same* 4 pairs and differs only by its
+    answers, so the match cannot ride on which images a user happened to see (the forward direction compares
+    candidates read from different images, whose content dominates the tokens)."""
     data_dir = resolve_ppd_dir(data_dir)
     ids = unseen_user_ids(data_dir) if user_ids is None else [int(u) for u in user_ids]
     if len(ids) < 2:
@@ -549,6 +554,7 @@ def user_retrieval(
     sim = torch.nn.functional.normalize(first, dim=1) @ torch.nn.functional.normalize(second, dim=1).T
     nearest = sim.argmax(dim=1)
     hit = nearest == torch.arange(len(ids))
+    hit_reverse = sim.argmax(dim=0) == torch.arange(len(ids))
     off = ~torch.eye(len(ids), dtype=torch.bool)
     return {
         "k": int(k),
@@ -556,6 +562,7 @@ def user_retrieval(
         "num_users": len(ids),
         "user_ids": ids,
         "top1_accuracy": float(hit.float().mean()),
+        "top1_accuracy_reverse": float(hit_reverse.float().mean()),
         "chance": 1.0 / len(ids),
         "same_user_cosine": float(sim.diagonal().mean()),
         "different_user_cosine": float(sim[off].mean()),
