@@ -154,17 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
             advantages[name] = t._advantages(samples)
         n_groups = len(samples.prompts) // n_img
         for b in range(0, n_groups, bsz):
-            gs = torch.arange(b, min(b + bsz, n_groups))
-            rows = (gs.unsqueeze(1) * n_img + torch.arange(n_img)).flatten()
-            steps = torch.stack(
-                [t._step_choice(e, 0, int(samples.groups[g * n_img])) for g in gs.tolist()]
-            ).repeat_interleave(n_img, dim=0)
+            rows, steps = t.micro_batch(samples, torch.arange(b, min(b + bsz, n_groups)), e, 0)
             for name, rewards in sets.items():
                 samples.rewards = rewards
                 loss, _ = t.spec.loss(t.trajectory_inputs(samples, rows, steps, advantages[name]), cfg.params)
-                g = torch.autograd.grad(loss.mean(), params, allow_unused=True)
-                grads[name].append(torch.cat([(x if x is not None else torch.zeros_like(q)).flatten()
-                                              for x, q in zip(g, params)]).cpu())  # fmt: skip
+                grads[name].append(flat_grad(loss, params))
         print(f"epoch {e + 1}/{own.epochs}: {len(grads[cfg.reward])} micro-batch gradients", flush=True)
 
     out: dict = {"config": rest, "epochs": own.epochs, "objective": cfg.objective, "rewards": {}}
@@ -180,6 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"cosine between the two rewards' expected gradients: {c:.3f} (NaN: a norm estimate is not positive)"
         )
     return write(out, own.out)
+
+
+def flat_grad(loss, params):
+    """The gradient of ``loss.mean()`` over ``params`` as one CPU vector (zeros where a weight gets none)."""
+    import torch
+
+    g = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+    return torch.cat(
+        [(x if x is not None else torch.zeros_like(q)).flatten() for x, q in zip(g, params)]
+    ).cpu()
 
 
 def report(out: dict, grads: dict, per_grad: int, unit: str) -> None:
@@ -219,9 +223,7 @@ def offline(cfg, own, rest: list[str]) -> dict:
         for batch in t.dataloader:
             batch["epoch"] = epoch
             loss, _ = t.compute_loss(batch)
-            g = torch.autograd.grad(loss.mean(), params, allow_unused=True)
-            grads.append(torch.cat([(x if x is not None else torch.zeros_like(q)).flatten()
-                                    for x, q in zip(g, params)]).cpu())  # fmt: skip
+            grads.append(flat_grad(loss, params))
             if len(grads) == own.batches:
                 break
         epoch += 1

@@ -291,6 +291,18 @@ class OnlineTrainer:
         perm = torch.randperm(len(self.trainable_steps), generator=g)[: self.steps_trained]
         return self.trainable_steps[perm.sort().values]
 
+    def micro_batch(
+        self, samples: EpochSamples, groups: torch.Tensor, epoch: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of prompt ``groups`` and their trained step positions ``[rows, s]`` in pass ``k`` (the same
+        positions for all images of one prompt)."""
+        n_img = self.cfg.images_per_prompt
+        rows = (groups.unsqueeze(1) * n_img + torch.arange(n_img)).flatten()
+        steps = torch.stack(
+            [self._step_choice(epoch, k, int(samples.groups[g * n_img])) for g in groups.tolist()]
+        ).repeat_interleave(n_img, dim=0)
+        return rows, steps
+
     def trajectory_inputs(
         self,
         samples: EpochSamples,
@@ -335,11 +347,7 @@ class OnlineTrainer:
                 n_groups, generator=torch.Generator().manual_seed(pair_seed(cfg.seed, self.epoch, 7 + k))
             )
             for b in range(0, n_groups, cfg.train_batch_size):
-                gs = order[b : b + cfg.train_batch_size]
-                rows = (gs.unsqueeze(1) * n_img + torch.arange(n_img)).flatten()
-                steps = torch.stack(
-                    [self._step_choice(self.epoch, k, int(samples.groups[g * n_img])) for g in gs.tolist()]
-                ).repeat_interleave(n_img, dim=0)  # [rows, s]: shared by the images of one prompt
+                rows, steps = self.micro_batch(samples, order[b : b + cfg.train_batch_size], self.epoch, k)
                 with acc.accumulate(unet):
                     inputs = self.trajectory_inputs(samples, rows, steps, advantages)
                     loss, metrics = spec.loss(inputs, cfg.params)
