@@ -469,6 +469,7 @@ EXPECTED = {
     "sandbox-clip",
     "combined-prdp",
     "combined-sandbox",
+    "sandbox-random-control",
 }
 
 
@@ -541,3 +542,32 @@ def test_shipped_sandbox_clip_loads_and_scores():
     r = load_reward("sandbox-clip")
     s = r.score(imgs, prompts)
     assert s.shape == (4,) and torch.all(s.abs() <= 1.0 + 1e-5)
+
+
+def test_random_control_ignores_content_and_is_a_pure_function():
+    imgs, prompts = _sandbox_batch(4)
+    r = load_reward("sandbox-random-control")
+    s = r.score(imgs, prompts)
+    assert s.shape == (4,) and s.dtype == torch.float32
+    assert torch.equal(s, load_reward("sandbox-random-control").score(imgs, prompts))  # resumed runs agree
+    # float input is quantised to the same bytes
+    assert torch.equal(s, r.score(to_float_tensor(imgs), prompts))
+    # One pixel's lowest bit, or another prompt, gives an unrelated score; another salt an independent draw.
+    nudged = imgs.copy()
+    nudged[0, 0, 0, 0] ^= 1
+    assert r.score(nudged, prompts)[0] != s[0] and torch.equal(r.score(nudged, prompts)[1:], s[1:])
+    assert r.score(imgs, ["x"] * 4).ne(s).all()
+    assert load_reward("sandbox-random-control", salt="1").score(imgs, prompts).ne(s).all()
+    # Uniform on [0, 1): 2,000 distinct inputs, every decile within 4 SE of 200 (SE = sqrt(2000 * 0.1 * 0.9) = 13.4).
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 256, size=(2000, 2, 2, 3), dtype=np.uint8)
+    v = r.score(many, ["p"] * 2000).numpy()
+    assert v.min() >= 0.0 and v.max() < 1.0
+    counts = np.histogram(v, bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(counts - 200) < 4 * 13.4), counts
+    # Nothing in it tracks the judge: the rank correlation on sandbox images is small.
+    imgs, prompts = _sandbox_batch(200)
+    judge = load_reward("sandbox-judge").score(imgs, prompts).numpy()
+    rc = r.score(imgs, prompts).numpy()
+    rho = np.corrcoef(np.argsort(np.argsort(judge)), np.argsort(np.argsort(rc)))[0, 1]
+    assert abs(rho) < 4 / np.sqrt(199), rho

@@ -200,6 +200,12 @@ def _build_sandbox_judge(weights, params, device, dtype):
     return SandboxJudgeReward(device=device, **params)
 
 
+def _build_random_control(weights, params, device, dtype):
+    from diffalign.rewards.control import RandomControlReward
+
+    return RandomControlReward(device=device, **params)
+
+
 def _build_sandbox_clip(weights, params, device, dtype):
     from diffalign.rewards.sandbox import sandbox_clip_reward
 
@@ -222,6 +228,7 @@ KINDS: dict[str, Callable[..., Reward]] = {
     "imagereward": _build_imagereward,
     "sandbox_judge": _build_sandbox_judge,
     "sandbox_clip": _build_sandbox_clip,
+    "random_control": _build_random_control,  # no preference at all: the control for "did the method follow its reward?"
     "image_features": _build_image_features,  # embeddings for DreamBench metrics (dino-vits16), no score
     "combined": None,  # built by CombinedReward.from_config (components are loaded recursively)
 }

@@ -22,7 +22,7 @@ from .data import build_train_data
 def heldout_implicit_accuracy(
     trainer, splits=("validation", "test"), draws: int = 4, seed: int = 12345
 ) -> dict:
-    """``{"accuracy", "n", "mean_margin", "chance_bound_3sd"}`` over the decided pairs of ``splits`` (ties dropped)
+    """``{"accuracy", "n", "mean_margin", "mean_abs_margin", "chance_bound_3sd"}`` over the decided pairs of ``splits`` (ties dropped)
     of the trainer's dataset. ``trainer``: a set-up :class:`~diffalign.training.offline.OfflinePairsTrainer`."""
     step = replace(trainer.step_fn, seed=seed)
     if step.model_samples is not None:  # PSO: the held-out pairs get their own samples of the current model
@@ -47,5 +47,6 @@ def heldout_implicit_accuracy(
         "accuracy": float((m > 0).float().mean()),
         "n": n,
         "mean_margin": float(m.mean()),
+        "mean_abs_margin": float(m.abs().mean()),
         "chance_bound_3sd": 0.5 + 3 * 0.5 / n**0.5,
     }
