@@ -369,6 +369,12 @@ class OnlineConfig(CommonConfig):
         "never the judge that evaluates the run (a judge-trained run is a ceiling, not a result)",
         "sandbox-vp-score",
     )
+    reward_control: str = _help(
+        "'none', or 'permute': the null control - each prompt's rewards are shuffled among its images (a seeded "
+        "permutation per (seed, epoch, prompt)), so the loop sees the same reward values with no information about "
+        "which image earned them; a run's gain over its base counts only above this control's",
+        "none",
+    )
     max_train_steps: int = _help(
         "derived for the online loop (num_epochs x optimizer steps per epoch); a value given here is ignored",
         0,
@@ -392,6 +398,7 @@ class OnlineConfig(CommonConfig):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
         _check_choice("sampler", self.sampler, ("ddim", "ddpm", "euler_ancestral", "lcm"))
+        _check_choice("reward_control", self.reward_control, ("none", "permute"))
         if self.track_every < 0:
             raise ConfigError(
                 f"config field track_every must be >= 0 (0 disables it), got {self.track_every}"

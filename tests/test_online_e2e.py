@@ -144,7 +144,7 @@ def test_training_on_the_judge_warns_that_it_is_a_ceiling(tmp_path):
     assert "ceiling" in proc.stderr
 
 
-def one_epoch_trainer(tmp_path, objective: str):
+def one_epoch_trainer(tmp_path, objective: str, *extra: str):
     """An OnlineTrainer set up from the objective's sandbox config for one epoch of 8 prompts x 4 images, 25 passes
     at lr 1e-3 with the proximal / PPO clip opened (clip_range 1); its samples, and all rows x every trained step."""
     from diffalign.config import OnlineConfig, parse_config
@@ -152,7 +152,7 @@ def one_epoch_trainer(tmp_path, objective: str):
 
     args = small(tmp_path / "run", "--objective", objective, "--prompts_per_epoch", "8", "--images_per_prompt", "4",
                  "--train_batch_size", "8", "--updates_per_epoch", "25", "--learning_rate", "1e-3",
-                 "--clip_range", "1", epochs=1)  # fmt: skip
+                 "--clip_range", "1", *extra, epochs=1)  # fmt: skip
     cfg = parse_config(OnlineConfig, ["--config", str(REPO / "configs" / f"sandbox_{objective}.yaml"), *args])
     trainer = OnlineTrainer(cfg)
     trainer.setup()
@@ -247,3 +247,19 @@ def test_online_defaults_train_on_a_learned_reward_that_ranks_base_samples(confi
     images = (np.random.default_rng(0).random((4, 32, 32, 3)) * 255).astype(np.uint8)
     scores = load_reward(name).score(images, ["a red circle"] * 4)
     assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+
+
+def test_permuted_reward_control_keeps_each_prompts_rewards_and_breaks_their_link_to_the_images(tmp_path):
+    """``reward_control: permute``: the same samples (the control changes no draw), each prompt's rewards the same
+    multiset, assigned to its images by a seeded shuffle — so the link from an image to its reward is gone."""
+    _, real, _, _ = one_epoch_trainer(tmp_path / "a", "prdp")
+    _, ctrl, _, _ = one_epoch_trainer(tmp_path / "b", "prdp", "--reward_control", "permute")
+    assert np.array_equal(real.images, ctrl.images) and torch.equal(real.groups, ctrl.groups)
+    moved = 0
+    for g in torch.unique(real.groups):
+        rows = real.groups == g
+        assert torch.equal(real.rewards[rows].sort().values, ctrl.rewards[rows].sort().values)
+        moved += int(not torch.equal(real.rewards[rows], ctrl.rewards[rows]))
+    assert moved >= 5, moved  # of 8 prompts; a shuffle of 4 keeps the order with probability 1/24
+    _, again, _, _ = one_epoch_trainer(tmp_path / "c", "prdp", "--reward_control", "permute")
+    assert torch.equal(again.rewards, ctrl.rewards)  # a pure function of (seed, epoch, prompt): resume agrees

@@ -571,3 +571,20 @@ def test_random_control_ignores_content_and_is_a_pure_function():
     rc = r.score(imgs, prompts).numpy()
     rho = np.corrcoef(np.argsort(np.argsort(judge)), np.argsort(np.argsort(rc)))[0, 1]
     assert abs(rho) < 4 / np.sqrt(199), rho
+
+
+def test_permute_within_groups_by_hand():
+    from diffalign.rewards.control import permute_within_groups
+
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 40.0])
+    g = torch.tensor([5, 5, 5, 9, 9, 9, 9])
+    out = permute_within_groups(r, g, [0, 1])
+    for gid, seed in ((5, 0), (9, 1)):
+        rows = (g == gid).nonzero().flatten()
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(out[rows], r[rows][perm])  # each group shuffled by its own seed, nothing crosses
+    # a group's result does not depend on the other groups
+    alone = permute_within_groups(r[3:], g[3:], [1])
+    assert torch.equal(alone, out[3:])
+    with pytest.raises(ValueError, match="2 seeds for 1 groups"):
+        permute_within_groups(r[:3], g[:3], [0, 1])

@@ -5,6 +5,9 @@ updates then have the loop's full noise (sampling, advantage normalisation, clip
 direction. A win rate that a run on the real reward does not beat by more than the seeds' spread is not evidence
 that the method followed its reward.
 
+:func:`permute_within_groups` is the matched control for any reward (``reward_control: permute`` of the online
+loop): each prompt keeps exactly its rewards, shuffled among its images.
+
 The score is ``blake2b(prompt, uint8 image bytes) / 2**64``: uniform on [0, 1), independent of what the image shows
 (two images that differ in one pixel get unrelated scores), and a pure function of its input, so resumed runs agree.
 """
@@ -55,3 +58,21 @@ class RandomControlReward:
 
     def score_aspects(self, images: ImageInput, prompts: Sequence[str] | str) -> dict[str, Tensor]:
         return {self.name: self.score(images, prompts)}
+
+
+def permute_within_groups(rewards: Tensor, groups: Tensor, seeds: Sequence[int]) -> Tensor:
+    """``rewards`` with the values of each group (the images of one prompt) shuffled among that group's rows.
+
+    ``seeds[i]``: the seed of group ``unique(groups)[i]``'s permutation (the loop passes one per (seed, epoch,
+    prompt)), so a group's result does not depend on the other groups. Each group keeps its multiset of
+    values: the same scale, spread and within-prompt differences, with no link to which image earned them.
+    """
+    out = rewards.clone()
+    ids = torch.unique(groups)
+    if len(ids) != len(seeds):
+        raise ValueError(f"got {len(seeds)} seeds for {len(ids)} groups")
+    for g, seed in zip(ids.tolist(), seeds, strict=True):
+        rows = (groups == g).nonzero().flatten()
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(int(seed)))
+        out[rows] = rewards[rows[perm]]
+    return out

@@ -259,9 +259,18 @@ class OnlineTrainer:
         t_score += time.perf_counter() - t0
         pool.shutdown()
         unet.train(was_training)
+        rewards = torch.cat(rewards).float()
+        # the null control: each prompt's rewards shuffled among its images
+        if cfg.reward_control == "permute":
+            from ..rewards.control import permute_within_groups
+
+            ids = torch.unique(groups).tolist()
+            rewards = permute_within_groups(
+                rewards, groups, [pair_seed(cfg.seed, epoch, 2_000_003 + g) for g in ids]
+            )
         samples = EpochSamples(
             prompts=rows_p, groups=groups, latents=torch.cat(latents), log_probs=torch.cat(logps),
-            rewards=torch.cat(rewards).float(), text={k: v.cpu() for k, v in text.items()},
+            rewards=rewards, text={k: v.cpu() for k, v in text.items()},
             images=np.concatenate(images),
         )  # fmt: skip
         return samples, {"sample": t_sample, "score_wait": t_score}
