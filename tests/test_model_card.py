@@ -154,3 +154,25 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     if not blocks:
         pytest.skip("README.md has no ```python blocks (its commands are bash)")
     run_blocks(blocks, REPO)
+
+
+def test_model_card_marks_null_control_runs(tmp_path):
+    from diffalign.config import OnlineConfig
+
+    coin = tmp_path / "coin-data"
+    coin.mkdir()
+    (coin / "label_control.json").write_text("{}")
+    cases = {
+        "coin": (DPOConfig(dataset=str(coin)), "flipped by a fair coin"),
+        "permute": (OnlineConfig(reward_control="permute"), "`reward_control: permute`"),
+        "random": (OnlineConfig(reward="sandbox-random-control"), "`sandbox-random-control`"),
+        "real": (DPOConfig(), None),
+        "online": (OnlineConfig(), None),
+    }
+    for name, (cfg, needle) in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        card = write_model_card(out, cfg, {}, {}, out / "lora").read_text()
+        assert ("Null control, not an aligned model" in card) == (needle is not None), name
+        if needle:
+            assert needle in card, name

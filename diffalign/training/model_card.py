@@ -53,6 +53,24 @@ def load_snippet(cfg, weights_dir: Path) -> str:
     return "\n".join([f"from diffusers import {classes}", *imports, "", *load, sample])
 
 
+def _control_notice(cfg) -> list[str]:
+    """A warning paragraph when the run is a null control (no preference in its signal), else nothing."""
+    why = None
+    if getattr(cfg, "reward_control", "none") == "permute":
+        why = "its rewards were shuffled among each prompt's images (`reward_control: permute`)"
+    elif "sandbox-random-control" in str(getattr(cfg, "reward", "")):
+        why = "its reward is `sandbox-random-control`, blind to what the image shows"
+    elif (Path(str(getattr(cfg, "dataset", ""))) / "label_control.json").is_file():
+        why = "its pairs' labels were flipped by a fair coin (`scripts/shuffle_labels.py`)"
+    if why is None:
+        return []
+    return [
+        f"> **Null control, not an aligned model**: {why}. Its gain over the base is what the loop gives without "
+        "a preference; compare with it, do not use it.",
+        "",
+    ]
+
+
 def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dict, weights_dir: Path) -> Path:
     """``<output_dir>/README.md``: front matter, the load snippet, the data, the metrics and the full config."""
     from ..config import to_dict
@@ -71,6 +89,7 @@ def write_model_card(output_dir: Path, cfg, data_description: dict, metrics: dic
         "",
         f"{spec.description}.",
         "",
+        *_control_notice(cfg),
         "## Load",
         "```python",
         load_snippet(cfg, weights_dir),
