@@ -25,8 +25,8 @@ from diffalign.sandbox.judge import (
     mismatched_spec,
     overall_score,
     soft_palette_match,
-    template,
 )
+from diffalign.sandbox.perception import template
 from diffalign.sandbox.scene import (
     BACKGROUNDS,
     CORNERS,

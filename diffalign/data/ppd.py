@@ -131,6 +131,7 @@ _CODE_MODULES = (
     "diffalign.sandbox.user_population",
     "diffalign.sandbox.users",
     "diffalign.sandbox.judge",
+    "diffalign.sandbox.perception",
     "diffalign.sandbox.captions",
 )
 """Modules whose source decides the bytes of a build: hashed into the cache digest (an edit rebuilds)."""

@@ -290,7 +290,7 @@ def _locate(img: np.ndarray, colours: tuple[np.ndarray, np.ndarray] | None = Non
     subject's two), ``alpha = a1 + a2`` of ``p - bg ≈ a1 (c1 - bg) + a2 (c2 - bg) + beta (outline - bg)`` wherever
     that mix explains the pixel within 12 RGB.
     ``None`` when nothing stands out."""
-    from .judge import _RING, _corner_mask, _dilate, fill_holes, hazard_evidence, largest_component
+    from .perception import _RING, _corner_mask, _dilate, fill_holes, hazard_evidence, largest_component
 
     hz = hazard_evidence(img)
     excluded = _corner_mask([c for c, e in hz.items() if e > HAZARD_EVIDENCE_MIN])
@@ -357,9 +357,9 @@ def _fit(
 ) -> tuple[float, float, float]:
     """Moment matching of a ``shape`` template to the coverage ``alpha``: move the centre by (object centroid -
     template's in-frame centroid) and scale the radius by ``sqrt(area / template's in-frame area)`` until both
-    settle (the judge's :func:`judge.fit_shape` does 3 steps; a triangle's or a cut shape's centroid follows its
+    settle (the judge's :func:`perception.fit_shape` does 3 steps; a triangle's or a cut shape's centroid follows its
     centre slowly). With ``r`` given, the radius stays fixed. Returns ``(cx, cy, r)``."""
-    from .judge import template
+    from .perception import template
 
     ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
     ox, oy = float((alpha * xs).sum() / area), float((alpha * ys).sum() / area)
