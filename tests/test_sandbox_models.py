@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from diffalign.sandbox import REPO_ROOT, SANDBOX_CLIP, SANDBOX_PIPELINE, SANDBOX_UNET_EARLY
-from diffalign.sandbox.build import (
+from diffalign.sandbox.captions import WorldConfig, sample_example
+from diffalign.sandbox.recipes import (
     CLIP_MEAN,
     CLIP_STD,
     BuildConfig,
@@ -24,7 +25,6 @@ from diffalign.sandbox.build import (
     make_clip_processor,
     sample_world_example,
 )
-from diffalign.sandbox.captions import WorldConfig, sample_example
 from diffalign.sandbox.scene import render
 from diffalign.sandbox.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 

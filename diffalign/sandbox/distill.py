@@ -67,8 +67,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..utils.digest import sha256_file as _sha256
-from .build import _dir_size, _publish, lr_lambda
+from .build import _dir_size, _publish
 from .captions import PREFIXES, caption_text, sample_spec
+from .recipes import lr_lambda
 
 GRID = (999, 749, 499, 249)
 """SDXL-Turbo's 4 timesteps: ``EulerAncestralDiscreteScheduler`` with "trailing" spacing at 1000 train steps."""
@@ -311,7 +312,7 @@ def endpoint_batch(data, idx, n_grid, grid, alphas_cumprod, p_renoised, gen):
 
 def train_student(cfg: DistillConfig, base_unet, data: TeacherData, alphas_cumprod: torch.Tensor, log=print):
     """A copy of ``base_unet`` trained on ``‖x̂0(x_t, t) − target‖²`` at the grid (module docstring); returns it
-    frozen. A plain loop, not ``training/``'s: this is a build recipe run once (like ``build.train_unet``), not a
+    frozen. A plain loop, not ``training/``'s: this is a build recipe run once (like ``recipes.train_unet``), not a
     preference method."""
     torch.manual_seed(cfg.seed + 31)
     student = copy.deepcopy(base_unet).train().requires_grad_(True)

@@ -305,7 +305,8 @@ def _sandbox_model_images(captions: list[str], images: np.ndarray) -> tuple[np.n
     from diffusers import StableDiffusionPipeline
 
     from . import SANDBOX_PIPELINE
-    from .build import generate, images_to_unit
+    from .build import generate
+    from .recipes import images_to_unit
 
     pipe = StableDiffusionPipeline.from_pretrained(SANDBOX_PIPELINE)
     pipe.set_progress_bar_config(disable=True)
