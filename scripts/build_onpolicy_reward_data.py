@@ -30,9 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="outputs/onpolicy-pairs")
-    p.add_argument("--num_prompts", type=int, default=3000, help="prompts (one pair each), test split included")
+    p.add_argument(
+        "--num_prompts", type=int, default=3000, help="prompts (one pair each), test split included"
+    )
     p.add_argument("--test_prompts", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0, help="the training pool's seed (configs/sandbox_prdp.yaml: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the training pool's seed (configs/sandbox_prdp.yaml: 0)"
+    )
     p.add_argument("--pool_size", type=int, default=10000)
     p.add_argument("--eval_prompts", type=int, default=1000, help="held-out evaluation captions to exclude")
     p.add_argument("--batch_size", type=int, default=64)
@@ -83,8 +87,15 @@ def main(argv: list[str] | None = None) -> Path:
                 seed_0=2 * k, seed_1=2 * k + 1, user_id=0, draw=0.0,
             )  # fmt: skip
             rows[plan.split].append(
-                make_row(plan, args.seed, encode_jpeg(images[0][i]), encode_jpeg(images[1][i]),
-                         bool(np.any(images[0][i] != images[1][i])), l0, 1.0 - l0)  # fmt: skip
+                make_row(
+                    plan,
+                    args.seed,
+                    encode_jpeg(images[0][i]),
+                    encode_jpeg(images[1][i]),
+                    bool(np.any(images[0][i] != images[1][i])),
+                    l0,
+                    1.0 - l0,
+                )  # fmt: skip
             )
     for split_rows in rows.values():
         fill_examples_per_prompt(split_rows)

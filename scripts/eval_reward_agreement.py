@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", help="Pick-a-Pic-schema directory (or 'sandbox')")
     p.add_argument("--split", default="test")
-    p.add_argument("--rewards", nargs="+", default=["sandbox-vp-onpolicy", "sandbox-vp-score", "sandbox-clip"])
+    p.add_argument(
+        "--rewards", nargs="+", default=["sandbox-vp-onpolicy", "sandbox-vp-score", "sandbox-clip"]
+    )
     p.add_argument("--output", default="reward_agreement.json")
     args = p.parse_args(argv)
 

@@ -103,5 +103,7 @@ def test_bad_subject_flag_is_one_line(tmp_path):
 def test_non_subject_objective_is_refused(tmp_path):
     from diffalign.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"subject-driven objectives \(\['dreambooth', 'dreambooth_prior', 'rpo'\]\)"):
+    with pytest.raises(
+        ConfigError, match=r"subject-driven objectives \(\['dreambooth', 'dreambooth_prior', 'rpo'\]\)"
+    ):
         _script("train_subjects").main(["--objective", "dpo", "--subject_output_dir", str(tmp_path)])
