@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "min": min(per_seed),
                 "max": max(per_seed),
                 "per_seed": per_seed,
-                "ci": [ci["ci_low"], ci["ci_high"]],
+                # over one (seed, subject) cell there is no interval: null, not NaN, in the JSON
+                "ci": [ci["ci_low"], ci["ci_high"]] if len(cells) > 1 else None,
             }
         table[method] = row
     result = {
@@ -160,6 +161,8 @@ def format_study(result: dict) -> str:
             c = row.get(m)
             if c is None:
                 cells.append("")
+            elif c["ci"] is None:  # one (seed, subject) cell: no interval
+                cells.append(f"{c['mean']:.3f}")
             elif len(c["per_seed"]) > 1:
                 cells.append(
                     f"{c['mean']:.3f} ({c['min']:.3f}–{c['max']:.3f}) [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
