@@ -16,6 +16,12 @@ Runs trained with ``--eval_curve_steps`` (e.g. ``-- --eval_curve_steps [150,300,
 steps over the seeds (mean, min, max, training wall-clock) in ``multi_seed.json`` under ``curve``; plot several with
 ``scripts/plot_curves.py``.
 
+Seeds run in separate batches (say 0-2, then 3 and 4 into another directory) are summarised together, without
+training anything, with ``--merge``: the per-seed results joined and every mean, bound and curve point recomputed
+over all of them (a seed in two files is an error)::
+
+    python scripts/multi_seed.py --merge outputs/a/multi_seed.json outputs/b/multi_seed.json --output_dir outputs/ab
+
 A seed whose ``eval.json`` already exists is not rerun (pass ``--rerun`` to force it), so an interrupted sweep
 continues where it stopped. ``--script`` selects the training entry point (default: ``train_online.py`` for an
 online objective such as PRDP or DDPO, else ``train_diffusion_dpo.py``).
@@ -37,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from diffalign.eval.multi_seed import (  # noqa: E402
     format_curve,
     format_summary,
+    merge_summaries,
     summarise_curves,
     summarise_seeds,
 )
@@ -63,7 +70,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="training script (default: train_online.py for an online objective, else train_diffusion_dpo.py)",
     )
     p.add_argument("--rerun", action="store_true", help="rerun seeds that already have an eval.json")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="MULTI_SEED_JSON",
+        help="summarise these multi_seed.json files together (no training; needs --output_dir)",
+    )
     args = p.parse_args(argv)
+    if args.merge is not None:
+        if args.output_dir is None:
+            p.error("--merge needs --output_dir (where the merged multi_seed.json goes)")
+        for f in args.merge:
+            if not Path(f).is_file():
+                p.error(f"--merge {f} does not exist")
+        return args, extra
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
     if not Path(args.config).is_file():
@@ -83,10 +104,34 @@ def _is_online(config: str) -> bool:
     return get_objective(objective).loop == "online"
 
 
+def write_summary(summary: dict, out: Path) -> None:
+    """``multi_seed.json`` and ``multi_seed.md`` (the per-seed table, and the curve when there is one)."""
+    (out / "multi_seed.json").write_text(json.dumps(summary, indent=2))
+    text = format_summary(summary)
+    if summary.get("curve"):
+        text += "\n\nwin rate vs training steps (eval_curve_steps):\n" + format_curve(summary["curve"])
+    (out / "multi_seed.md").write_text(text + "\n")
+    print(text)
+    print(f"written: {out / 'multi_seed.json'}, {out / 'multi_seed.md'}")
+
+
+def merge(files: list[str], out: Path) -> dict:
+    summaries = [json.loads(Path(f).read_text()) for f in files]
+    summary = merge_summaries(summaries, sources=files)
+    for key in ("config", "extra_flags"):  # kept when every batch agrees, else listed per file
+        values = [s.get(key) for s in summaries]
+        summary[key] = values[0] if all(v == values[0] for v in values) else values
+    summary["failed_seeds"] = sorted({f for s in summaries for f in s.get("failed_seeds", [])})
+    write_summary(summary, out)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = Path(args.output_dir or ROOT / "outputs" / "multi-seed" / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge is not None:
+        return merge(args.merge, out)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     online = _is_online(args.config)
     if args.script is None:
@@ -141,13 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if curve:  # the runs had eval_curve_steps: win rate vs steps over the seeds
         summary["curve"] = curve
-    (out / "multi_seed.json").write_text(json.dumps(summary, indent=2))
-    text = format_summary(summary)
-    if curve:
-        text += "\n\nwin rate vs training steps (eval_curve_steps):\n" + format_curve(curve)
-    (out / "multi_seed.md").write_text(text + "\n")
-    print(text)
-    print(f"written: {out / 'multi_seed.json'}, {out / 'multi_seed.md'}")
+    write_summary(summary, out)
     if failed:
         raise SystemExit(f"seeds {failed} failed; see their run.log under {out}")
     return summary

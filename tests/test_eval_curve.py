@@ -138,3 +138,53 @@ def test_curves_summarise_over_seeds_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_curves.py"), "--runs", f"x={tmp_path}/no.json"],
                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "x: " in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_seed_batches_merge_to_the_summary_of_all_seeds(tmp_path):
+    """Seeds 0-2 run first and 3-4 later (two directories) summarise, merged, exactly as all five run together;
+    the script's --merge writes it without training, and a seed in two batches is refused."""
+    from diffalign.eval.multi_seed import merge_summaries, summarise_curves, summarise_seeds
+
+    rates = {0: 0.57, 1: 0.545, 2: 0.605, 3: 0.44, 4: 0.4725}
+    evals, curves = {}, {}
+    for s, r in rates.items():
+        evals[s] = tmp_path / f"e{s}.json"
+        evals[s].write_text(json.dumps({"win_rate": {"win_rate": r, "ci_low": r - 0.07, "ci_high": r + 0.07,
+                                                     "wins": 1, "ties": 0, "losses": 1}, "aspects": {}}))  # fmt: skip
+        curves[s] = _curve(tmp_path / f"c{s}.jsonl", [(150, 100.0 + s, r - 0.05), (600, 400.0 + s, r)])
+
+    def summary(seeds):  # what scripts/multi_seed.py writes for a batch, through its JSON file
+        out = summarise_seeds({s: evals[s] for s in seeds})
+        out["curve"] = summarise_curves({s: curves[s] for s in seeds})
+        return json.loads(json.dumps(out))
+
+    merged = merge_summaries([summary([3, 4]), summary([0, 1, 2])], sources=["b.json", "a.json"])
+    assert {k: v for k, v in merged.items() if k != "merged_from"} == summary([0, 1, 2, 3, 4])
+    assert list(merged["seeds"]) == ["0", "1", "2", "3", "4"] and merged["merged_from"] == [
+        "b.json",
+        "a.json",
+    ]
+    assert merged["mean_win_rate"] == pytest.approx(2.6325 / 5) and merged["min_ci_low"] == pytest.approx(
+        0.37
+    )
+    assert merged["curve"][0]["mean_train_seconds"] == pytest.approx(102.0)
+    with pytest.raises(ValueError, match="seed 2 is in two of the summaries to merge \\(c.json\\)"):
+        merge_summaries([summary([0, 1, 2]), summary([2, 3])], sources=["a.json", "c.json"])
+
+    files = []
+    for name, seeds in (("a", [0, 1, 2]), ("b", [3, 4])):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(
+            json.dumps({**summary(seeds), "config": "configs/sandbox_inpo.yaml", "extra_flags": []})
+        )
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "multi_seed.py"), "--merge", *map(str, files),
+                           "--output_dir", str(tmp_path / "ab")], env=ENV, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = json.loads((tmp_path / "ab" / "multi_seed.json").read_text())
+    assert written["num_seeds"] == 5 and written["config"] == "configs/sandbox_inpo.yaml"
+    assert written["mean_win_rate"] == pytest.approx(merged["mean_win_rate"])
+    assert "mean 0.527 over 5 seeds (min 0.440, max 0.605" in (tmp_path / "ab" / "multi_seed.md").read_text()
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "multi_seed.py"), "--merge", str(files[0])],
+                         env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "--merge needs --output_dir" in bad.stderr

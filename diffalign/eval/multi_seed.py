@@ -40,6 +40,11 @@ def summarise_seeds(eval_files: dict[int, str | Path]) -> dict:
             "base_aspects": {k: v["base"]["mean"] for k, v in ev.get("aspects", {}).items()},
             "eval_json": str(path),
         }
+    return _over_seeds(per_seed, missing)
+
+
+def _over_seeds(per_seed: dict[str, dict], missing: list[int]) -> dict:
+    """The summary of per-seed entries (``win_rate``, ``ci_low``, …): mean, min, max, std and the lowest CI bound."""
     rates = np.array([v["win_rate"] for v in per_seed.values()], dtype=np.float64)
     lows = np.array([v["ci_low"] for v in per_seed.values()], dtype=np.float64)
     out = {"seeds": per_seed, "missing_seeds": missing, "num_seeds": len(per_seed)}
@@ -69,24 +74,53 @@ def summarise_curves(curve_files: dict[int, str | Path]) -> list[dict]:
             if line.strip():
                 point = json.loads(line)
                 by_step.setdefault(int(point["step"]), {})[str(seed)] = point
-    out = []
-    for step, seeds in sorted(by_step.items()):
-        rates = np.array([p["win_rate"] for p in seeds.values()], dtype=np.float64)
-        out.append(
-            {
-                "step": step,
-                "num_seeds": len(seeds),
-                "mean_win_rate": float(rates.mean()),
-                "min_win_rate": float(rates.min()),
-                "max_win_rate": float(rates.max()),
-                "mean_train_seconds": float(np.mean([p["train_seconds"] for p in seeds.values()])),
-                "min_ci_low": float(min(p["ci95"][0] for p in seeds.values())),
-                "seeds": {
-                    k: {"win_rate": p["win_rate"], "ci95": p["ci95"], "train_seconds": p["train_seconds"]}
-                    for k, p in seeds.items()
-                },  # fmt: skip
-            }
-        )
+    return [_curve_point(step, seeds) for step, seeds in sorted(by_step.items())]
+
+
+def _curve_point(step: int, seeds: dict[str, dict]) -> dict:
+    """One step of a curve from its seeds' points (``win_rate``, ``ci95``, ``train_seconds``), in seed order."""
+    seeds = dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))
+    rates = np.array([p["win_rate"] for p in seeds.values()], dtype=np.float64)
+    return {
+        "step": step,
+        "num_seeds": len(seeds),
+        "mean_win_rate": float(rates.mean()),
+        "min_win_rate": float(rates.min()),
+        "max_win_rate": float(rates.max()),
+        "mean_train_seconds": float(np.mean([p["train_seconds"] for p in seeds.values()])),
+        "min_ci_low": float(min(p["ci95"][0] for p in seeds.values())),
+        "seeds": {
+            k: {"win_rate": p["win_rate"], "ci95": p["ci95"], "train_seconds": p["train_seconds"]}
+            for k, p in seeds.items()
+        },  # fmt: skip
+    }
+
+
+def merge_summaries(summaries: list[dict], sources: list[str] | None = None) -> dict:
+    """One summary over the seeds of several (``multi_seed.json`` contents of the same config run in batches, e.g.
+    seeds 0-2 first and 3-4 later): the per-seed entries joined, mean / min / max / lowest CI bound and the curve
+    recomputed over all of them exactly as :func:`summarise_seeds` and :func:`summarise_curves` do. A seed in two
+    summaries is an error (which run counts would be a guess). ``sources`` (e.g. the files read) are recorded."""
+    per_seed: dict[str, dict] = {}
+    missing: list[int] = []
+    by_step: dict[int, dict[str, dict]] = {}
+    for i, summary in enumerate(summaries):
+        for seed, entry in summary.get("seeds", {}).items():
+            if seed in per_seed:
+                where = f" ({sources[i]})" if sources else ""
+                raise ValueError(
+                    f"seed {seed} is in two of the summaries to merge{where}: keep one run per seed"
+                )
+            per_seed[seed] = entry
+        missing += summary.get("missing_seeds", [])
+        for point in summary.get("curve", []):
+            by_step.setdefault(int(point["step"]), {}).update(point["seeds"])
+    per_seed = dict(sorted(per_seed.items(), key=lambda kv: int(kv[0])))
+    out = _over_seeds(per_seed, sorted(set(missing) - {int(k) for k in per_seed}))
+    if by_step:
+        out["curve"] = [_curve_point(step, seeds) for step, seeds in sorted(by_step.items())]
+    if sources:
+        out["merged_from"] = list(sources)
     return out
 
 
