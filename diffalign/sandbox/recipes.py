@@ -474,34 +474,29 @@ def vae_psnr(vae, images: np.ndarray, batch: int = 256) -> float:
 # UNet (latent diffusion)
 
 
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+"""SD's noise schedule, shared by the training and the sampling scheduler."""
+
+
 def make_noise_scheduler():
     """SD's training schedule: DDPM, 1000 steps, scaled_linear β from 0.00085 to 0.012, epsilon prediction."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return DDPMScheduler(**SD_SCHEDULE)
 
 
 def make_sampling_scheduler():
     """SD's DDIM sampling config (steps_offset 1, set_alpha_to_one False, clip_sample False)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False, steps_offset=1)
 
 
 def make_unet(cfg: BuildConfig, cross_attention_dim: int):
