@@ -7,6 +7,7 @@ the same weights as an uninterrupted one; two processes give the loss curve of o
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -33,8 +34,12 @@ def test_lora_run_writes_everything_and_exports_a_stock_loadable_lora(tiny, tmp_
     assert "effective batch  4 pairs x 1 accumulation x 1 processes = 4 pairs/step" in proc.stdout
     assert "16 pairs indexed" in proc.stdout and "training consumed 24 examples" in proc.stdout
     for name in ("lora/pytorch_lora_weights.safetensors", "README.md", "config.json", "train_log.jsonl",
-                 "checkpoint-3/train_state.json", "checkpoint-6/train_state.json"):  # fmt: skip
+                 "environment.json", "checkpoint-3/train_state.json", "checkpoint-6/train_state.json"):  # fmt: skip
         assert (out / name).is_file(), name
+    # where it ran, for tracing a result that does not reproduce
+    (start,) = json.loads((out / "environment.json").read_text())["starts"]
+    assert start["resumed"] is False and start["torch"]["version"] == torch.__version__
+    assert start["torch"]["threads"] == 1 and start["processes"] == 1  # ENV pins one thread
     assert len(_losses(out)) == 6
     state = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     assert state and all(k.startswith("unet.") for k in state)
@@ -126,6 +131,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst == 0.0, f"resumed weights differ from the uninterrupted run by {worst}"
     assert _losses(ref_out)[3:] == _losses(cut_out)[-3:]
+    starts = json.loads((cut_out / "environment.json").read_text())["starts"]
+    assert [s["resumed"] for s in starts] == [False, True]  # each start says where it ran
 
 
 def test_two_processes_reproduce_the_one_process_loss_curve(tiny, tmp_path):

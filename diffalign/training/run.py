@@ -23,6 +23,7 @@ from ..errors import TrainingError
 from ..models import lora as lora_lib
 from ..models import pipeline as mp
 from ..objectives.registry import ObjectiveSpec
+from . import environment
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -225,12 +226,16 @@ def register_lora_hooks(run: Run) -> None:
 
 
 def start_outputs(run: Run, resumed: bool, tracker_project: str = "diffalign") -> None:
-    """``config.json``, trackers, and a fresh ``train_log.jsonl`` unless resuming (a resumed run appends)."""
+    """``config.json``, ``environment.json`` (one entry per start: :mod:`.environment`), trackers, and a fresh
+    ``train_log.jsonl`` unless resuming (a resumed run appends)."""
     acc, cfg = run.accelerator, run.cfg
     if not acc.is_main_process:
         return
     run.output_dir.mkdir(parents=True, exist_ok=True)
     (run.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    environment.record(run.output_dir, environment.describe(
+        processes=acc.num_processes, mixed_precision=str(acc.mixed_precision),
+        deterministic=bool(getattr(cfg, "deterministic", False)), resumed=resumed))  # fmt: skip
     if not resumed:
         (run.output_dir / "train_log.jsonl").write_text("")
     if cfg.report_to != "none":
