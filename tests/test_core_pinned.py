@@ -74,6 +74,19 @@ def test_multi_seed_summary(tmp_path):
     assert meets_bar({**s, "mean_win_rate": 0.63, "min_ci_low": 0.51}, 0.62, 0.5)
     text = format_summary(s)
     assert "mean 0.600 over 3 seeds (min 0.500, max 0.655" in text and "no eval.json for seeds [3]" in text
+    # runs without environment.json
+    assert "environment" not in s["seeds"]["0"] and "environments_differ" not in s
+
+    from diffalign.training import environment
+
+    for seed, cpu in ((0, "Intel Xeon"), (1, "AMD EPYC"), (2, "AMD EPYC")):
+        environment.record(tmp_path / str(seed), {"cpu": {"model": cpu, "torch_capability": "AVX512"},
+                                                  "torch": {"version": "2.9"}, "packages": {}})  # fmt: skip
+    s = summarise_seeds(files)
+    assert s["seeds"]["0"]["environment"]["cpu"] == "Intel Xeon"
+    assert s["seeds"]["2"]["environment"]["torch"] == "2.9"
+    assert s["environments_differ"] is True  # seed 0 trained on another CPU: say so next to the mean
+    assert "trained in different environments" in format_summary(s)
 
 
 def test_multi_seed_script_runs_each_seed_and_summarises(tmp_path):

@@ -40,7 +40,28 @@ def summarise_seeds(eval_files: dict[int, str | Path]) -> dict:
             "base_aspects": {k: v["base"]["mean"] for k, v in ev.get("aspects", {}).items()},
             "eval_json": str(path),
         }
-    return _over_seeds(per_seed, missing)
+        env = run_environment(path.parent)
+        if env is not None:
+            per_seed[str(seed)]["environment"] = env
+    out = _over_seeds(per_seed, missing)
+    envs = {json.dumps(v["environment"], sort_keys=True) for v in per_seed.values() if "environment" in v}
+    if len(envs) > 1:  # seeds trained on different machines or versions: each reproduces only on its own
+        out["environments_differ"] = True
+    return out
+
+
+def run_environment(run_dir: Path) -> dict | None:
+    """Where a run trained, from its ``environment.json`` (:mod:`diffalign.training.environment`): the CPU, its
+    vector unit, torch and diffusers versions and the commit of its last start; ``None`` for runs without one."""
+    try:
+        last = json.loads((Path(run_dir) / "environment.json").read_text())["starts"][-1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return {"cpu": (last.get("cpu") or {}).get("model"),
+            "cpu_capability": (last.get("cpu") or {}).get("torch_capability"),
+            "torch": (last.get("torch") or {}).get("version"),
+            "diffusers": (last.get("packages") or {}).get("diffusers"),
+            "commit": (last.get("diffalign") or {}).get("commit")}  # fmt: skip
 
 
 def _over_seeds(per_seed: dict[str, dict], missing: list[int]) -> dict:
@@ -165,4 +186,6 @@ def format_summary(summary: dict) -> str:
     )
     if summary.get("missing_seeds"):
         tail += f"; no eval.json for seeds {summary['missing_seeds']}"
+    if summary.get("environments_differ"):
+        tail += "; the seeds trained in different environments (each seed's `environment`)"
     return table + "\n" + tail
