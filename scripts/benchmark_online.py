@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {r['objective']} | {r['samples_per_epoch']} | {r['seconds_per_epoch']:.2f} | {r['samples_per_s']:.2f} | "
             f"{s['sample']:.0%} | {s['score_wait']:.0%} | {s['train']:.0%} | {r['setup_seconds']:.1f} |"
         )
-    out = {"machine": platform.processor() or platform.machine(), "extra_flags": extra, "rows": rows}
+    from diffalign.training.environment import describe
+
+    out = {"machine": platform.processor() or platform.machine(), "environment": describe(), "extra_flags": extra,
+           "rows": rows}  # fmt: skip
     Path(args.output).write_text(json.dumps(out, indent=2))
     print(f"written: {args.output}")
     return rows

@@ -280,7 +280,10 @@ def main() -> None:
                           "CPU s: median (min-max)", "vs public (CPU)", "peak RSS MiB"], rows))  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "pairs_per_run": pairs, "settings": summary}, indent=2))
+    from diffalign.training.environment import describe
+
+    out.write_text(json.dumps({"args": vars(args), "pairs_per_run": pairs, "settings": summary,
+                               "environment": describe()}, indent=2))  # fmt: skip
     print(f"results written to {out}")
 
 

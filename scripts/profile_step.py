@@ -174,7 +174,9 @@ def main() -> None:
               f"for itself after {c['break_even_steps']:.0f} steps")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    from diffalign.training.environment import describe
+
+    out.write_text(json.dumps({**result, "environment": describe()}, indent=2))
     print(f"results written to {out}")
 
 

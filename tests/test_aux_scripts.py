@@ -114,6 +114,7 @@ def test_online_benchmark_times_an_epoch_and_splits_it(tmp_path):
     )
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["rows"] == rows and saved["extra_flags"] == flags
+    assert saved["environment"]["cpu"]["logical_cores"] >= 1  # where the figures were measured
     for r, objective in zip(rows, ("prdp", "ddpo")):
         assert r["objective"] == objective and r["samples_per_epoch"] == 4 and r["timed_epochs"] == 1
         assert r["settings"]["sample_steps"] == 2

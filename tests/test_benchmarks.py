@@ -629,6 +629,7 @@ def test_profile_step_shows_the_reference_forward_gone_when_its_errors_are_store
     assert b["parts_s"]["reference_forward"] == 0  # second run: read from the reference-error cache
     assert b["parts_s"]["encode"] < a["parts_s"]["encode"] / 5  # and latents read from the lazy cache
     assert "| policy_forward |" in first.stdout and "| part |" in second.stdout
+    assert a["environment"]["torch"]["version"]  # where it was measured
 
 
 def test_throughput_benchmark_times_every_setting_against_a_public_script(tmp_path):
@@ -647,3 +648,4 @@ def test_throughput_benchmark_times_every_setting_against_a_public_script(tmp_pa
     assert s["median_wall_s"] > 0 and s["peak_rss_MiB"] > 100 and s["speedup_vs_public_wall"] > 0
     assert res["settings"]["public script"]["speedup_vs_public_wall"] == 1.0
     assert "| all caches reused |" in proc.stdout
+    assert res["environment"]["cpu"]["logical_cores"] >= 1  # where it was measured
