@@ -86,7 +86,14 @@ def test_multi_seed_summary(tmp_path):
     assert s["seeds"]["0"]["environment"]["cpu"] == "Intel Xeon"
     assert s["seeds"]["2"]["environment"]["torch"] == "2.9"
     assert s["environments_differ"] is True  # seed 0 trained on another CPU: say so next to the mean
-    assert "trained in different environments" in format_summary(s)
+    assert "different machines or library versions" in format_summary(s) and "commits_differ" not in s
+    for seed in (1, 2):  # the same machine, two commits (say, a README change between seeds): flagged apart
+        environment.record(tmp_path / str(seed), {"cpu": {"model": "Intel Xeon", "torch_capability": "AVX512"},
+                                                  "torch": {"version": "2.9"}, "packages": {},
+                                                  "diffalign": {"commit": f"c{seed}"}})  # fmt: skip
+    s = summarise_seeds(files)
+    assert s["commits_differ"] is True and "environments_differ" not in s
+    assert "ran different commits" in format_summary(s)
 
 
 def test_multi_seed_script_runs_each_seed_and_summarises(tmp_path):

@@ -44,9 +44,11 @@ def summarise_seeds(eval_files: dict[int, str | Path]) -> dict:
         if env is not None:
             per_seed[str(seed)]["environment"] = env
     out = _over_seeds(per_seed, missing)
-    envs = {json.dumps(v["environment"], sort_keys=True) for v in per_seed.values() if "environment" in v}
-    if len(envs) > 1:  # seeds trained on different machines or versions: each reproduces only on its own
-        out["environments_differ"] = True
+    envs = [v["environment"] for v in per_seed.values() if "environment" in v]
+    if len({json.dumps({k: e[k] for k in e if k != "commit"}, sort_keys=True) for e in envs}) > 1:
+        out["environments_differ"] = True  # other machines or versions: each seed reproduces only on its own
+    if len({e["commit"] for e in envs}) > 1:
+        out["commits_differ"] = True  # the code may differ too (or only its docs: compare the commits)
     return out
 
 
@@ -187,5 +189,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("missing_seeds"):
         tail += f"; no eval.json for seeds {summary['missing_seeds']}"
     if summary.get("environments_differ"):
-        tail += "; the seeds trained in different environments (each seed's `environment`)"
+        tail += "; the seeds trained on different machines or library versions (each seed's `environment`)"
+    if summary.get("commits_differ"):
+        tail += "; the seeds ran different commits (each seed's `environment`)"
     return table + "\n" + tail
