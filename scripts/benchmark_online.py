@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -88,8 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     from diffalign.training.environment import describe
 
-    out = {"machine": platform.processor() or platform.machine(), "environment": describe(), "extra_flags": extra,
-           "rows": rows}  # fmt: skip
+    out = {"environment": describe(), "extra_flags": extra, "rows": rows}
     Path(args.output).write_text(json.dumps(out, indent=2))
     print(f"written: {args.output}")
     return rows

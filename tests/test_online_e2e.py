@@ -65,7 +65,7 @@ def test_online_run_writes_eval_json_export_card_and_the_epoch_time_split(tmp_pa
     weights = lora(out)
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     assert (out / "README.md").is_file() and (out / "validation" / "step-000002.png").is_file()
-    (start,) = json.loads((out / "environment.json").read_text())["starts"]  # the offline loop's record too
+    (start,) = json.loads((out / "environment.json").read_text())["starts"]  # the same record as offline runs
     assert start["resumed"] is False and start["torch"]["version"] == torch.__version__
 
 
