@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 from diffalign.config import DPOConfig
@@ -150,10 +149,30 @@ def test_model_card_names_local_base_models_absolutely_and_hub_ids_as_given(tmp_
 
 
 def test_readme_python_blocks_run_as_written(tmp_path):
+    """The README's snippet loads what the main command exports (``outputs/dpo-sandbox/lora``, relative to where it
+    runs): an exported LoRA with nonzero weights is put there, in a directory outside the repository, and the
+    snippet must load every tensor of it into a stock pipeline and draw an image."""
+    from diffalign.config import TrainConfig
+    from diffalign.models.lora import add_lora, save_lora
+
     blocks = python_blocks((REPO / "README.md").read_text())
-    if not blocks:
-        pytest.skip("README.md has no ```python blocks (its commands are bash)")
-    run_blocks(blocks, REPO)
+    assert blocks, "README.md lost its Python snippet (loading the main command's LoRA)"
+    main_out = Path(TrainConfig().output_dir) / "lora"
+    assert any(str(main_out) in b for b in blocks), f"the README's snippet no longer loads {main_out}"
+
+    unet = _sandbox_unet()
+    add_lora(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    gen = torch.Generator().manual_seed(2)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+    save_lora(tmp_path / main_out, unet)
+    check = f"""
+from tiny_models import assert_lora_fully_loaded
+assert assert_lora_fully_loaded(pipe, {str(main_out)!r}) == {sum("lora_" in n for n, _ in unet.named_parameters())}
+assert image.size == (32, 32)
+"""
+    run_blocks(blocks, tmp_path, check)
 
 
 def test_model_card_marks_null_control_runs(tmp_path):
