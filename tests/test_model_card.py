@@ -78,17 +78,29 @@ def _sandbox_unet():
     return UNet2DConditionModel.from_pretrained(resolve_model_path("sandbox"), subfolder="unet")
 
 
-def test_model_card_snippet_loads_a_sandbox_lora_as_written(tmp_path):
+def _export_visible_lora(lora_dir: Path, seed: int) -> str:
+    """Export a sandbox LoRA with nonzero ``lora_B`` (so that loading it is visible) to ``lora_dir``; return the
+    check code that a snippet's ``pipe`` holds every one of its tensors and drew a 32 px ``image``."""
     from diffalign.models.lora import add_lora, save_lora
 
     unet = _sandbox_unet()
     add_lora(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for name, p in unet.named_parameters():
-        if "lora_B" in name:  # nonzero, so that loading it is visible
+        if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=gen) * 0.1
+    save_lora(lora_dir, unet)
+    count = sum("lora_" in n for n, _ in unet.named_parameters())
+    return f"""
+from tiny_models import assert_lora_fully_loaded
+assert assert_lora_fully_loaded(pipe, {str(lora_dir)!r}) == {count}
+assert image.size == (32, 32)
+"""
+
+
+def test_model_card_snippet_loads_a_sandbox_lora_as_written(tmp_path):
     out = tmp_path / "run"
-    save_lora(out / "lora", unet)
+    check = _export_visible_lora(out / "lora", seed=0)
     cfg = DPOConfig(output_dir=str(out), finetune="lora", eval_steps=2)
     card = write_model_card(out, cfg, {"dataset": "sandbox"}, {"eval": None}, out / "lora").read_text()
 
@@ -96,11 +108,6 @@ def test_model_card_snippet_loads_a_sandbox_lora_as_written(tmp_path):
     assert len(blocks) == 1 and '"sandbox"' not in blocks[0] and "load_lora_weights" in blocks[0]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    check = f"""
-from tiny_models import assert_lora_fully_loaded
-assert assert_lora_fully_loaded(pipe, {str(out / "lora")!r}) == {sum("lora_" in n for n, _ in unet.named_parameters())}
-assert image.size == (32, 32)
-"""
     run_blocks(blocks, elsewhere, check)
 
 
@@ -153,26 +160,14 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     runs): an exported LoRA with nonzero weights is put there, in a directory outside the repository, and the
     snippet must load every tensor of it into a stock pipeline and draw an image."""
     from diffalign.config import TrainConfig
-    from diffalign.models.lora import add_lora, save_lora
 
     blocks = python_blocks((REPO / "README.md").read_text())
     assert blocks, "README.md lost its Python snippet (loading the main command's LoRA)"
     main_out = Path(TrainConfig().output_dir) / "lora"
     assert any(str(main_out) in b for b in blocks), f"the README's snippet no longer loads {main_out}"
 
-    unet = _sandbox_unet()
-    add_lora(unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    gen = torch.Generator().manual_seed(2)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.1
-    save_lora(tmp_path / main_out, unet)
-    check = f"""
-from tiny_models import assert_lora_fully_loaded
-assert assert_lora_fully_loaded(pipe, {str(main_out)!r}) == {sum("lora_" in n for n, _ in unet.named_parameters())}
-assert image.size == (32, 32)
-"""
-    run_blocks(blocks, tmp_path, check)
+    check = _export_visible_lora(tmp_path / main_out, seed=2)
+    run_blocks(blocks, tmp_path, check)  # the snippet finds the LoRA by its relative path
 
 
 def test_model_card_marks_null_control_runs(tmp_path):
