@@ -2,8 +2,8 @@
 """Build the multi-user preference data for personalised preference tuning (PPD) by relabelling the shipped
 sandbox pairs with the simulated user population (no image is sampled; about a minute on a CPU).
 
-    # the dataset that `--dataset sandbox-ppd` builds on first use, into a folder of your choice
-    python scripts/build_ppd_data.py --output-dir outputs/sandbox-ppd
+    # the dataset that `--dataset sandbox-ppd` builds on first use, into outputs/sandbox-ppd (or --output-dir)
+    python scripts/build_ppd_data.py
 
     # three train users per pair, another seed, a small build in seconds
     python scripts/build_ppd_data.py --output-dir /tmp/ppd --users-per-pair 3 --seed 1 --max-source-pairs 200
@@ -29,7 +29,11 @@ from diffalign.sandbox import SANDBOX_DATA  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True, help="a new or empty folder for the dataset")
+    p.add_argument(
+        "--output-dir",
+        default=str(REPO / "outputs" / "sandbox-ppd"),
+        help="a new or empty folder for the dataset (default: outputs/sandbox-ppd)",
+    )
     p.add_argument(
         "--source-dir",
         default=str(SANDBOX_DATA),

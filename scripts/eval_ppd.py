@@ -3,7 +3,10 @@
 starting model (and optionally a generic Diffusion-DPO run), user retrieval from the encoder, and an optional
 interpolation between two users' embeddings.
 
-    # the sandbox PPD run on all 48 unseen users of sandbox-ppd, against the generic DPO LoRA
+    # the sandbox PPD run (default --run_dir outputs/ppd-sandbox, what configs/sandbox_ppd.yaml writes) on all 48
+    # unseen users of sandbox-ppd
+    python scripts/eval_ppd.py
+    # ... and against a generic DPO LoRA
     python scripts/eval_ppd.py --run_dir outputs/ppd-sandbox --against outputs/dpo-sandbox
 
     # a quick look: 8 users, 2 seeds, and the curve from user 1000's tokens to user 1004's
@@ -24,7 +27,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+DEFAULT_RUN = REPO / "outputs" / "ppd-sandbox"  # configs/sandbox_ppd.yaml's output_dir
 
 
 def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
@@ -37,7 +43,8 @@ def _ci(m: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _flag(p, "run_dir", required=True, help="the PPD run: lora/, user_attention.safetensors, user_encoder/")
+    _flag(p, "run_dir", default=None,
+          help="the PPD run: lora/, user_attention.safetensors, user_encoder/ (default: outputs/ppd-sandbox)")  # fmt: skip
     _flag(p, "model", default="sandbox", help="the base pipeline ('sandbox' or a diffusers directory)")
     _flag(p, "data", default=None,
           help="a PPD build directory or name ('sandbox-ppd', 'sandbox-ppd-6u'; default: the run's dataset from its "
@@ -67,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.run_dir is None:
+        if not (DEFAULT_RUN / "user_attention.safetensors").is_file():
+            raise SystemExit(
+                f"{DEFAULT_RUN}: no PPD run there (train it first: accelerate launch scripts/train_diffusion_dpo.py "
+                "--config configs/sandbox_ppd.yaml, or give --run_dir)"
+            )
+        args.run_dir = str(DEFAULT_RUN)
     from diffalign.data.ppd import load_test_prompts
     from diffalign.eval import personal
     from diffalign.eval import personal_interpolation as pi

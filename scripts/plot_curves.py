@@ -6,6 +6,10 @@ second axis; also says at which evaluated step each method first reaches the fir
     python scripts/plot_curves.py --runs DPO=outputs/curves/dpo/multi_seed.json InPO=outputs/curves/inpo/multi_seed.json \\
         --out docs/img/inpo_vs_dpo.png
 
+With no ``--runs``: Diffusion-DPO against InPO from ``scripts/multi_seed.py``'s default folders
+(``outputs/multi-seed/sandbox_dpo`` and ``.../sandbox_inpo``), which ``python scripts/multi_seed.py --config
+configs/sandbox_{dpo,inpo}.yaml -- --eval_curve_steps [150,300,450]`` fills.
+
 Solid lines: mean win rate over training seeds (band: min to max over seeds); dashed lines, right axis: mean
 training wall-clock (evaluations excluded) at that step. A JSON summary goes next to the figure (``.json``).
 """
@@ -21,13 +25,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def parse_runs(items: list[str]) -> dict[str, Path]:
+# With no --runs: Diffusion-DPO (the baseline) and InPO from multi_seed.py's default folders, with their commands.
+DEFAULT_RUNS = {"Diffusion-DPO": "sandbox_dpo", "InPO": "sandbox_inpo"}
+CURVE_FLAGS = "-- --eval_curve_steps [150,300,450]"
+
+
+def default_runs() -> list[str]:
+    return [
+        f"{label}={ROOT / 'outputs' / 'multi-seed' / name / 'multi_seed.json'}"
+        for label, name in DEFAULT_RUNS.items()
+    ]
+
+
+def parse_runs(items: list[str], defaults: bool = False) -> dict[str, Path]:
     runs = {}
     for item in items:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise SystemExit(f"--runs {item!r}: give LABEL=path/to/multi_seed.json")
         if not Path(path).is_file():
+            if defaults:
+                raise SystemExit(
+                    f"{path} does not exist (make it: python scripts/multi_seed.py --config "
+                    f"configs/{DEFAULT_RUNS[label]}.yaml {CURVE_FLAGS}; or give --runs LABEL=multi_seed.json ...)"
+                )
             raise SystemExit(f"--runs {label}: {path} does not exist")
         runs[label] = Path(path)
     return runs
@@ -50,12 +71,16 @@ def first_step_reaching(curve: list[dict], target: float) -> int | None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--runs", nargs="+", required=True, help="LABEL=multi_seed.json, the first is the baseline"
+        "--runs",
+        nargs="+",
+        default=None,
+        help="LABEL=multi_seed.json, the first is the baseline (default: Diffusion-DPO and InPO, see above)",
     )
     p.add_argument("--out", default="outputs/curves.png", help="figure path (a .json summary goes beside it)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
-    runs = {label: load_curve(path) for label, path in parse_runs(args.runs).items()}
+    paths = parse_runs(args.runs or default_runs(), defaults=args.runs is None)
+    runs = {label: load_curve(path) for label, path in paths.items()}
 
     import matplotlib
 

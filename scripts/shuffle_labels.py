@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a null-control copy of a preference dataset: every decided pair's labels swapped by a fair coin.
 
-    python scripts/shuffle_labels.py --output-dir outputs/sandbox-coin            # the shipped sandbox pairs
+    python scripts/shuffle_labels.py                 # the shipped sandbox pairs, into outputs/sandbox-coin
     python scripts/train_diffusion_dpo.py --dataset outputs/sandbox-coin           # DPO with no preference
 
 A run on the copy gains over its base only what the loop's noise and drift give; a method's gain on the real labels
@@ -24,7 +24,11 @@ from diffalign.data.sources import resolve_built_dataset  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True, help="a new or empty folder for the copy")
+    p.add_argument(
+        "--output-dir",
+        default=str(REPO / "outputs" / "sandbox-coin"),
+        help="a new or empty folder for the copy (default: outputs/sandbox-coin)",
+    )
     p.add_argument("--dataset", default="sandbox", help="a Pick-a-Pic-schema folder, or 'sandbox' (default)")
     p.add_argument(
         "--splits", nargs="+", default=["train"], help="splits whose labels are flipped (default: train)"

@@ -1,0 +1,78 @@
+"""Scripts whose input is another run's output still run with no arguments: they read the folders the sandbox
+defaults write, and when one is missing they say in one line which command fills it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def output_dir(config: str) -> str:
+    return yaml.safe_load((REPO / "configs" / config).read_text())["output_dir"]
+
+
+def test_defaults_are_the_folders_the_sandbox_configs_write():
+    assert script("eval_ppd").DEFAULT_RUN == REPO / output_dir("sandbox_ppd.yaml")
+    online = script("plot_online").DEFAULT_RUNS
+    assert online == {label: (output_dir(cfg), f"configs/{cfg}") for label, cfg in
+                      (("prdp", "sandbox_prdp.yaml"), ("ddpo", "sandbox_ddpo.yaml"))}  # fmt: skip
+    curves = script("plot_curves")
+    assert [Path(r.partition("=")[2]).parent.name for r in curves.default_runs()] == [
+        "sandbox_dpo",
+        "sandbox_inpo",
+    ]
+    assert all((REPO / "configs" / f"{name}.yaml").is_file() for name in curves.DEFAULT_RUNS.values())
+
+
+def test_eval_ppd_without_a_run_names_the_training_command(tmp_path, monkeypatch):
+    module = script("eval_ppd")
+    monkeypatch.setattr(module, "DEFAULT_RUN", tmp_path / "ppd-sandbox")
+    with pytest.raises(
+        SystemExit, match=r"ppd-sandbox: no PPD run there .*--config configs/sandbox_ppd.yaml"
+    ):
+        module.main([])
+
+
+def test_plot_curves_defaults_to_dpo_against_inpo(tmp_path, monkeypatch):
+    module = script("plot_curves")
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"sandbox_dpo/multi_seed.json does not exist \(make it: python "
+                       r"scripts/multi_seed.py --config configs/sandbox_dpo.yaml -- --eval_curve_steps"):  # fmt: skip
+        module.main(["--out", str(tmp_path / "x.png")])
+    for name, final in (("sandbox_dpo", 0.64), ("sandbox_inpo", 0.57)):
+        folder = tmp_path / "outputs" / "multi-seed" / name
+        folder.mkdir(parents=True)
+        curve = [{"step": s, "mean_win_rate": w, "min_win_rate": w - 0.02, "max_win_rate": w + 0.02,
+                  "mean_train_seconds": s / 2, "num_seeds": 3} for s, w in ((300, final - 0.03), (600, final))]  # fmt: skip
+        (folder / "multi_seed.json").write_text(json.dumps({"curve": curve}))
+    summary = module.main(["--out", str(tmp_path / "fig.png")])
+    assert summary["baseline"] == "Diffusion-DPO" and summary["baseline_final_mean_win_rate"] == 0.64
+    assert summary["first_step_reaching_baseline_final"] == {"Diffusion-DPO": 600, "InPO": None}
+    assert (tmp_path / "fig.png").is_file()
+
+
+def test_data_builders_default_to_the_folders_their_docs_name(monkeypatch):
+    assert script("build_ppd_data").parse_args([]).output_dir == str(REPO / "outputs" / "sandbox-ppd")
+    module = script("shuffle_labels")
+    seen = {}
+
+    def fake(source, out, splits, seed):
+        seen.update(out=out, splits=splits, seed=seed)
+        return {"splits": {}}
+
+    monkeypatch.setattr(module, "shuffle_labels", fake)
+    module.main([])
+    assert seen == {"out": str(REPO / "outputs" / "sandbox-coin"), "splits": ["train"], "seed": 0}
