@@ -31,24 +31,26 @@ CURVE_FLAGS = "-- --eval_curve_steps [150,300,450]"
 
 
 def default_runs() -> list[str]:
-    return [
-        f"{label}={ROOT / 'outputs' / 'multi-seed' / name / 'multi_seed.json'}"
-        for label, name in DEFAULT_RUNS.items()
-    ]
+    """The default ``--runs``; a missing file is one line naming the command that writes it."""
+    runs = []
+    for label, name in DEFAULT_RUNS.items():
+        path = ROOT / "outputs" / "multi-seed" / name / "multi_seed.json"
+        if not path.is_file():
+            raise SystemExit(
+                f"{path} does not exist (make it: python scripts/multi_seed.py --config configs/{name}.yaml "
+                f"{CURVE_FLAGS}; or give --runs LABEL=multi_seed.json ...)"
+            )
+        runs.append(f"{label}={path}")
+    return runs
 
 
-def parse_runs(items: list[str], defaults: bool = False) -> dict[str, Path]:
+def parse_runs(items: list[str]) -> dict[str, Path]:
     runs = {}
     for item in items:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise SystemExit(f"--runs {item!r}: give LABEL=path/to/multi_seed.json")
         if not Path(path).is_file():
-            if defaults:
-                raise SystemExit(
-                    f"{path} does not exist (make it: python scripts/multi_seed.py --config "
-                    f"configs/{DEFAULT_RUNS[label]}.yaml {CURVE_FLAGS}; or give --runs LABEL=multi_seed.json ...)"
-                )
             raise SystemExit(f"--runs {label}: {path} does not exist")
         runs[label] = Path(path)
     return runs
@@ -79,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/curves.png", help="figure path (a .json summary goes beside it)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
-    paths = parse_runs(args.runs or default_runs(), defaults=args.runs is None)
-    runs = {label: load_curve(path) for label, path in paths.items()}
+    runs = {label: load_curve(path) for label, path in parse_runs(args.runs or default_runs()).items()}
 
     import matplotlib
 

@@ -231,33 +231,6 @@ def test_plot_online_curves_draws_both_panels(tmp_path):
     assert path.is_file() and path.stat().st_size > 5000
 
 
-def test_plot_online_script_plots_named_runs_and_defaults_to_the_sandbox_runs(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("plot_online", REPO / "scripts" / "plot_online.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    rows = [{"epoch": e, "train/reward_mean": 0.1 * e, "heldout/overall": 0.5} for e in range(4)]
-    for d in ("outputs/prdp-sandbox", "outputs/ddpo-sandbox", "offline"):
-        (tmp_path / d).mkdir(parents=True)
-    (tmp_path / "outputs/prdp-sandbox/train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "offline/train_log.jsonl").write_text(json.dumps({"step": 1, "train/loss": 0.69}))
-    monkeypatch.setattr(mod, "ROOT", tmp_path)
-
-    # No runs named: the two sandbox configs' directories; a missing one names the command that fills it.
-    with pytest.raises(SystemExit, match=r"ddpo-sandbox/train_log.jsonl.*--config configs/sandbox_ddpo.yaml"):
-        mod.main(["--output", str(tmp_path / "none.png")])
-    (tmp_path / "outputs/ddpo-sandbox/train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
-    out = mod.main(["--output", str(tmp_path / "default.png")])
-    assert out.is_file() and out.stat().st_size > 5000
-
-    # A log without online metrics is refused by name, not drawn as an empty panel.
-    with pytest.raises(SystemExit, match=r"offline/train_log.jsonl: no 'train/reward_mean'"):
-        mod.main([f"a={tmp_path / 'outputs/prdp-sandbox'}", f"b={tmp_path / 'offline'}", "--output", "x.png"])
-    out = mod.main([f"a={tmp_path / 'outputs/prdp-sandbox'}", "--output", str(tmp_path / "named.png")])
-    assert out.is_file()
-
-
 @pytest.mark.parametrize("config", ["sandbox_prdp.yaml", "sandbox_ddpo.yaml"])
 def test_online_defaults_train_on_a_learned_reward_that_ranks_base_samples(config):
     """The defaults never train on the judge that evaluates them: their reward is a learned catalog model whose

@@ -30,10 +30,7 @@ def test_defaults_are_the_folders_the_sandbox_configs_write():
     assert online == {label: (output_dir(cfg), f"configs/{cfg}") for label, cfg in
                       (("prdp", "sandbox_prdp.yaml"), ("ddpo", "sandbox_ddpo.yaml"))}  # fmt: skip
     curves = script("plot_curves")
-    assert [Path(r.partition("=")[2]).parent.name for r in curves.default_runs()] == [
-        "sandbox_dpo",
-        "sandbox_inpo",
-    ]
+    assert list(curves.DEFAULT_RUNS.values()) == ["sandbox_dpo", "sandbox_inpo"]
     assert all((REPO / "configs" / f"{name}.yaml").is_file() for name in curves.DEFAULT_RUNS.values())
 
 
@@ -62,6 +59,29 @@ def test_plot_curves_defaults_to_dpo_against_inpo(tmp_path, monkeypatch):
     assert summary["baseline"] == "Diffusion-DPO" and summary["baseline_final_mean_win_rate"] == 0.64
     assert summary["first_step_reaching_baseline_final"] == {"Diffusion-DPO": 600, "InPO": None}
     assert (tmp_path / "fig.png").is_file()
+
+
+def test_plot_online_script_plots_named_runs_and_defaults_to_the_sandbox_runs(tmp_path, monkeypatch):
+    mod = script("plot_online")
+    rows = [{"epoch": e, "train/reward_mean": 0.1 * e, "heldout/overall": 0.5} for e in range(4)]
+    for d in ("outputs/prdp-sandbox", "outputs/ddpo-sandbox", "offline"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "outputs/prdp-sandbox/train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "offline/train_log.jsonl").write_text(json.dumps({"step": 1, "train/loss": 0.69}))
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+
+    # No runs named: the two sandbox configs' directories; a missing one names the command that fills it.
+    with pytest.raises(SystemExit, match=r"ddpo-sandbox/train_log.jsonl.*--config configs/sandbox_ddpo.yaml"):
+        mod.main(["--output", str(tmp_path / "none.png")])
+    (tmp_path / "outputs/ddpo-sandbox/train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    out = mod.main(["--output", str(tmp_path / "default.png")])
+    assert out.is_file() and out.stat().st_size > 5000
+
+    # A log without online metrics is refused by name, not drawn as an empty panel.
+    with pytest.raises(SystemExit, match=r"offline/train_log.jsonl: no 'train/reward_mean'"):
+        mod.main([f"a={tmp_path / 'outputs/prdp-sandbox'}", f"b={tmp_path / 'offline'}", "--output", "x.png"])
+    out = mod.main([f"a={tmp_path / 'outputs/prdp-sandbox'}", "--output", str(tmp_path / "named.png")])
+    assert out.is_file()
 
 
 def test_data_builders_default_to_the_folders_their_docs_name(monkeypatch):
