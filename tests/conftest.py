@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`-n 2`) each worker process gets one thread, and so do the scripts its tests start (they
+    # inherit the environment): two workers with two threads each would fight over the two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
@@ -39,3 +44,10 @@ def ppd_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("ppd") / "data"
     build_ppd_data(out, max_source_pairs=240, users_per_pair=4)
     return out
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
