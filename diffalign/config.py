@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
 import json
 import os
 import sys
@@ -222,6 +223,12 @@ class CommonConfig:
         for name in ("pretrained_model", "dataset"):
             value = getattr(self, name)
             named = NAMED_MODELS if name == "pretrained_model" else NAMED_DATASETS
+            if name == "dataset" and any(ch in value for ch in "*?["):  # a glob of Parquet files
+                if not glob.glob(os.path.expanduser(value)):
+                    raise ConfigError(
+                        f"config field dataset={value!r}: no file matches this pattern; check the path"
+                    )
+                continue
             if value not in named and not Path(os.path.expanduser(value)).exists() and _looks_local(value):
                 raise ConfigError(
                     f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); "
@@ -311,6 +318,26 @@ class TrainConfig(CommonConfig):
         if self.dataloader_num_workers < 0:
             raise ConfigError(
                 f"config field dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}"
+            )
+
+    def check_paths(self) -> None:
+        """The common checks, then the training split's columns: a local Parquet source whose split lacks a column
+        the pairs need fails here, in one line naming the file, before any model loads."""
+        super().check_paths()
+        if self.dataset in NAMED_DATASETS or self.streaming:
+            return
+        from .data.schema import PAIR_REQUIRED_COLUMNS
+        from .data.splits import check_pair_source
+
+        check_pair_source(self.dataset, self.split, PAIR_REQUIRED_COLUMNS)
+        if not self.skip_eval and (
+            any(ch in self.dataset for ch in "*?[") or self.dataset.endswith(".parquet")
+        ):
+            raise ConfigError(
+                f"config field dataset={self.dataset!r} names Parquet files, which are one split: the final "
+                f"evaluation's eval_split {self.eval_split!r} would read the training captions. Put the files in a "
+                f"directory in the Hub layout (data/<split>-00000-of-00001.parquet, with a {self.eval_split} split), "
+                "or set skip_eval true"
             )
 
 

@@ -253,6 +253,57 @@ def test_config_mistakes_are_one_line_before_loading(extra, expected):
     assert "torch" not in imported and "diffusers" not in imported  # nothing heavy was loaded
 
 
+def test_a_local_dataset_lacking_a_column_or_the_split_is_one_line_before_loading(tmp_path):
+    """A local Pick-a-Pic-format directory whose train file lacks ``label_0``, or that has no such split, fails in
+    the configuration check: one line naming the file (or the splits found), exit 2, neither torch nor diffusers
+    imported (before this check it failed after the model loaded, with a traceback)."""
+    import pyarrow.parquet as pq
+
+    from diffalign.sandbox import SANDBOX_DATA
+
+    table = pq.read_table(Path(SANDBOX_DATA) / "data" / "train-00000-of-00001.parquet").slice(0, 8)
+    (tmp_path / "data").mkdir()
+    bad_file = tmp_path / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(table.drop(["label_0"]), bad_file)
+    cases = [
+        ([], f"{bad_file} [train]: missing column 'label_0'"),
+        (["--split", "validation"], "split 'validation' not found (splits found: train)"),
+        (["--dataset", str(tmp_path / "data" / "*.parquet")], "missing column 'label_0'"),
+        (["--dataset", str(tmp_path / "data" / "*.parket")], "no file matches this pattern"),
+    ]
+    for extra, expected in cases:
+        proc = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), "--dataset", str(tmp_path), *extra,
+                               "--output_dir", str(tmp_path / "out")], env=ENV, capture_output=True, text=True,
+                              timeout=120, cwd=REPO)  # fmt: skip
+        lines = [x for x in proc.stderr.splitlines() if not x.startswith("import time:")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith("configuration error:") and expected in lines[0], lines[0]
+        imported = {
+            x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")
+        }
+        assert "torch" not in imported and "diffusers" not in imported
+
+
+def test_parquet_files_as_the_dataset_train_but_cannot_name_the_evaluation_split(tmp_path):
+    """Parquet files (a path or a glob) are one split: training reads them, and the final evaluation, whose prompts
+    come from ``eval_split``, is refused in one line instead of silently scoring the training captions."""
+    import pyarrow.parquet as pq
+
+    from diffalign.sandbox import SANDBOX_DATA
+
+    shard = Path(SANDBOX_DATA) / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 8), tmp_path / "a.parquet")
+    for dataset in (str(tmp_path / "a.parquet"), str(tmp_path / "*.parquet")):
+        with pytest.raises(ConfigError, match=r"names Parquet files, which are one split.*'test_unique'"):
+            parse_config(
+                TrainConfig, ["--dataset", dataset, "--output_dir", str(tmp_path / "o")]
+            ).check_paths()
+        cfg = parse_config(
+            TrainConfig, ["--dataset", dataset, "--skip_eval", "true", "--output_dir", str(tmp_path)]
+        )
+        cfg.check_paths()  # training alone is fine
+
+
 def test_bad_yaml_names_the_file_and_line(tmp_path):
     y = tmp_path / "bad.yaml"
     y.write_text("beta: [1\nlearning_rate: 2\n")

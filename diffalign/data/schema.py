@@ -36,6 +36,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import ConfigError
+
 PICKAPIC_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("are_different", pa.bool_()),
     ("best_image_uid", pa.string()),
@@ -73,8 +75,9 @@ _SCHEMA_HELP = (
 )
 
 
-class SchemaError(ValueError):
-    """A table does not have the Pick-a-Pic v2 columns (or their kinds) that the caller needs."""
+class SchemaError(ConfigError):
+    """A table does not have the Pick-a-Pic v2 columns (or their kinds) that the caller needs. A
+    :class:`~diffalign.errors.ConfigError` (so a ``ValueError``): the scripts print it as one line."""
 
 
 def _kind(dtype: pa.DataType) -> str:

@@ -6,9 +6,12 @@ directory in the Hub layout, Parquet files, or a hub name; how a source is named
 from __future__ import annotations
 
 import glob as _glob
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..errors import ConfigError
 
 
 def _is_glob(text: str) -> bool:
@@ -28,13 +31,43 @@ def _split_files(directory: Path, split: str) -> list[str] | None:
     except FileNotFoundError:  # no data files found: let datasets say so in its own words
         return None
     if split not in files:
-        raise ValueError(
+        raise ConfigError(
             f"{directory}: split {split!r} not found (splits found: {', '.join(files) or 'none'}). A local "
             f"directory needs files named data/{split}-00000-of-00001.parquet "
             "(see diffalign.data.write_pickapic_dataset)."
         )
     names = [str(f) for f in files[split]]
     return names if all(n.endswith(".parquet") for n in names) else None
+
+
+def check_pair_source(source: str, split: str, required: Sequence[str]) -> int | None:
+    """Check a local Pick-a-Pic-format source before any model loads: the split's Parquet files exist and each has
+    the ``required`` columns (only their schemas are read). Returns the number of files checked, or None when the
+    source is not local Parquet (a hub name, or a directory that ``datasets`` resolves itself).
+
+    Raises:
+        ConfigError: the split is missing (naming the splits found) or no file matches.
+        SchemaError: a file lacks a column or has a wrong type (naming the file and the column).
+    """
+    import pyarrow.parquet as pq
+
+    from .schema import validate_table
+
+    text = os.path.expanduser(str(source))
+    path = Path(text)
+    if path.is_dir():
+        files = _split_files(path, split)
+    elif _is_glob(text) or path.suffix == ".parquet":
+        files = sorted(_glob.glob(text)) if _is_glob(text) else [text]
+        if not files or not all(Path(f).is_file() for f in files):
+            raise ConfigError(f"config field dataset={text!r}: no Parquet file matches it")
+    else:
+        return None
+    if files is None:
+        return None
+    for f in files:
+        validate_table(pq.read_schema(f), f"{f} [{split}]", required)
+    return len(files)
 
 
 def _no_rows() -> Iterator[dict[str, Any]]:
