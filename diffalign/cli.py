@@ -70,12 +70,13 @@ def run_training(config_cls: type, trainer: str, default_config: Path, argv: lis
     return {"summary": summary, "eval": result, "weights": str(target)}
 
 
-def main_for_people(main) -> None:
-    """Run ``main()``; configuration errors become one line and exit code 2, training errors one line and exit 1,
-    unless ``--debug`` is on the command line."""
+def main_for_people(main):
+    """Run ``main()`` and return what it returns; configuration errors become one line and exit code 2, training
+    errors one line and exit 1, unless ``--debug`` is on the command line. Every script's entry point goes through
+    it."""
     debug = "--debug" in sys.argv[1:]
     try:
-        main()
+        return main()
     except (ConfigError, TrainingError, FileNotFoundError) as err:
         if debug:
             raise

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import glob
 import json
-import os
 import sys
 import types
 import typing
@@ -29,6 +27,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .preflight import check_reward
 
 #: dataset names diffalign.data.sources.resolve_dataset maps to a directory (not a path, not a hub id)
 NAMED_DATASETS = ("sandbox", "sandbox-ppd", "sandbox-ppd-6u")
@@ -186,6 +185,7 @@ class CommonConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
         _check_choice("attention", self.attention, ("auto", "sdpa", "xformers"))
         _check_choice("reference_dtype", self.reference_dtype, ("float32", "float16", "bfloat16"))
+        check_reward("eval_reward", self.eval_reward)
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
                      "lora_rank", "resolution"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -216,30 +216,10 @@ class CommonConfig:
         raise AttributeError(f"{type(self).__name__} has no field {name!r}")
 
     def check_paths(self) -> None:
-        """File-system checks that need no model: run before anything heavy is loaded."""
-        out = Path(self.output_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"config field output_dir={self.output_dir!r} is a file: give a directory")
-        for name in ("pretrained_model", "dataset"):
-            value = getattr(self, name)
-            named = NAMED_MODELS if name == "pretrained_model" else NAMED_DATASETS
-            if name == "dataset" and any(ch in value for ch in "*?["):  # a glob of Parquet files
-                if not glob.glob(os.path.expanduser(value)):
-                    raise ConfigError(
-                        f"config field dataset={value!r}: no file matches this pattern; check the path"
-                    )
-                continue
-            if value not in named and not Path(os.path.expanduser(value)).exists() and _looks_local(value):
-                raise ConfigError(
-                    f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); "
-                    "check the path"
-                )
-        resume = self.resume_from_checkpoint
-        if resume and resume != "latest" and not Path(resume).is_dir():
-            raise ConfigError(
-                f"config field resume_from_checkpoint={resume!r}: no such directory; give a checkpoint-N "
-                "directory or 'latest'"
-            )
+        """File-system checks that need no model: run before anything heavy is loaded (:mod:`diffalign.preflight`)."""
+        from .preflight import check_paths
+
+        check_paths(self)
 
 
 @dataclass
@@ -321,24 +301,11 @@ class TrainConfig(CommonConfig):
             )
 
     def check_paths(self) -> None:
-        """The common checks, then the training split's columns: a local Parquet source whose split lacks a column
-        the pairs need fails here, in one line naming the file, before any model loads."""
+        """The common checks, then a local Parquet source's splits and columns (:mod:`diffalign.preflight`)."""
         super().check_paths()
-        if self.dataset in NAMED_DATASETS or self.streaming:
-            return
-        from .data.schema import PAIR_REQUIRED_COLUMNS
-        from .data.splits import check_pair_source
+        from .preflight import check_training_data
 
-        check_pair_source(self.dataset, self.split, PAIR_REQUIRED_COLUMNS)
-        if not self.skip_eval and (
-            any(ch in self.dataset for ch in "*?[") or self.dataset.endswith(".parquet")
-        ):
-            raise ConfigError(
-                f"config field dataset={self.dataset!r} names Parquet files, which are one split: the final "
-                f"evaluation's eval_split {self.eval_split!r} would read the training captions. Put the files in a "
-                f"directory in the Hub layout (data/<split>-00000-of-00001.parquet, with a {self.eval_split} split), "
-                "or set skip_eval true"
-            )
+        check_training_data(self)
 
 
 #: The name this class had when Diffusion-DPO was the only method.
@@ -430,6 +397,8 @@ class OnlineConfig(CommonConfig):
             raise ConfigError(
                 f"config field track_every must be >= 0 (0 disables it), got {self.track_every}"
             )
+        for part in (p for p in self.reward.split(",") if p.strip()):  # 'name' or 'name:weight,name:weight'
+            check_reward("reward", part.partition(":")[0].strip())
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ConfigError(
                 f"config field timestep_fraction must be in (0, 1], got {self.timestep_fraction}"
@@ -462,11 +431,6 @@ class OnlineConfig(CommonConfig):
                 "is a ceiling (reward = evaluator), not evidence of alignment",
                 file=sys.stderr,
             )
-
-
-def _looks_local(value: str) -> bool:
-    """A path rather than a hub id ``owner/name``: absolute, relative with ./ or ~, or with more than one ``/``."""
-    return value.startswith(("/", ".", "~")) or value.count("/") != 1 or os.sep != "/" and os.sep in value
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

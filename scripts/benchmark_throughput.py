@@ -288,4 +288,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffalign.cli import main_for_people
+
+    main_for_people(main)

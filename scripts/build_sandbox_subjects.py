@@ -66,4 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from diffalign.cli import main_for_people
+
+    raise SystemExit(main_for_people(main))

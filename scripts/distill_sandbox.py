@@ -130,4 +130,6 @@ def measure_only(cfg: DistillConfig, directory: Path, prompts: list[str]) -> int
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from diffalign.cli import main_for_people
+
+    raise SystemExit(main_for_people(main))

@@ -3,6 +3,9 @@
 
     python scripts/eval_reward_agreement.py outputs/onpolicy-pairs --split test \\
         --rewards sandbox-vp-onpolicy sandbox-vp-score sandbox-clip
+    python scripts/eval_reward_agreement.py       # the shipped sandbox pairs' test split
+
+Pairs whose images do not decode (or with no caption) are skipped and counted (stderr and ``skipped_pairs``).
 
 Reads a Pick-a-Pic-schema split (``jpg_0``, ``jpg_1``, ``caption``), scores both images with the judge and with each
 reward, and reports, over the pairs the judge decides (different overall scores), the share where the reward's
@@ -23,7 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset", help="Pick-a-Pic-schema directory (or 'sandbox')")
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default="sandbox",
+        help="Pick-a-Pic-schema directory, or 'sandbox' (the default: the shipped sandbox pairs)",
+    )
     p.add_argument("--split", default="test")
     p.add_argument(
         "--rewards", nargs="+", default=["sandbox-vp-onpolicy", "sandbox-vp-score", "sandbox-clip"]
@@ -44,12 +52,29 @@ def main(argv: list[str] | None = None) -> dict:
     if len(ds) == 0:
         raise SystemExit(f"{args.dataset} split {args.split!r} has no rows: choose another split")
 
-    def decode(b: bytes) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+    def decode(b: bytes | None) -> np.ndarray | None:
+        try:
+            return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+        except (
+            OSError,
+            TypeError,
+            ValueError,
+        ):  # missing or undecodable bytes: the pair is skipped and counted
+            return None
 
-    a = np.stack([decode(r) for r in ds["jpg_0"]])
-    b = np.stack([decode(r) for r in ds["jpg_1"]])
-    prompts = list(ds["caption"])
+    pairs = [(decode(x), decode(y), c) for x, y, c in zip(ds["jpg_0"], ds["jpg_1"], ds["caption"])]
+    good = [(x, y, c) for x, y, c in pairs if x is not None and y is not None and c]
+    skipped = len(pairs) - len(good)
+    if skipped:
+        print(f"{args.dataset} [{args.split}]: skipped {skipped} of {len(pairs)} pairs (an image that does not decode "
+              "or no caption)", file=sys.stderr)  # fmt: skip
+    if not good:
+        raise SystemExit(
+            f"{args.dataset} split {args.split!r} has no pair with two readable images and a caption"
+        )
+    a = np.stack([x for x, _, _ in good])
+    b = np.stack([y for _, y, _ in good])
+    prompts = [c for _, _, c in good]
     judge = Judge()
     dj = np.asarray(judge.score(a, prompts)["overall"]) - np.asarray(judge.score(b, prompts)["overall"])
     decided = dj != 0
@@ -66,10 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     print("| reward | agreement | 95% CI |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['agreement']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] |")
-    out = {"dataset": args.dataset, "split": args.split, "pairs": len(prompts), "rewards": rows}
+    out = {"dataset": args.dataset, "split": args.split, "pairs": len(prompts), "skipped_pairs": skipped,
+           "rewards": rows}  # fmt: skip
     Path(args.output).write_text(json.dumps(out, indent=2))
     return out
 
 
 if __name__ == "__main__":
-    main()
+    from diffalign.cli import main_for_people
+
+    main_for_people(main)

@@ -238,4 +238,6 @@ def offline(cfg, own, rest: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from diffalign.cli import main_for_people
+
+    main_for_people(main)

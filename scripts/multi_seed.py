@@ -193,4 +193,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from diffalign.cli import main_for_people
+
+    main_for_people(main)

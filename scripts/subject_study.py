@@ -182,4 +182,6 @@ def format_study(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from diffalign.cli import main_for_people
+
+    main_for_people(main)

@@ -209,6 +209,19 @@ def test_corrupt_checkpoints_are_named_and_latest_falls_back(tiny, tmp_path):
     assert all(torch.isfinite(v).all() for v in lora.values())
 
 
+def test_latest_refuses_an_intact_checkpoint_of_other_settings_instead_of_overwriting_it(tiny, tmp_path):
+    """Resuming ``latest`` with another LoRA rank: the checkpoints verify but do not load. Before, the run skipped
+    them, started fresh and wrote its own checkpoint-2 and -4 over them; now it stops and leaves them as they were."""
+    out = tmp_path / "run"
+    _ok(_cli(_args(tiny["sd"], tiny["data"], out)))  # checkpoints 2 and 4
+    before = {p.name: (p / "train_state.json").read_text() for p in out.glob("checkpoint-*")}
+    proc = _cli(_args(tiny["sd"], tiny["data"], out, "--max_train_steps", "6", "--lora_rank", "2",
+                      "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"checkpoint {out / 'checkpoint-4'} is intact but does not load into this run" in proc.stderr
+    assert {p.name: (p / "train_state.json").read_text() for p in out.glob("checkpoint-*")} == before
+
+
 def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
     proc = _ok(_cli(_args(tiny["sd"], tiny["data"], tmp_path / "run", "--max_train_steps", "1",
                           "--checkpointing_steps", "0", "--resume_from_checkpoint", "latest")))  # fmt: skip
@@ -239,6 +252,7 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
         ),
         (["--output_dir", "README.md"], "output_dir='README.md' is a file"),
         (["--max_train_steps", "many"], "--max_train_steps expects int, got 'many'"),
+        (["--eval_reward", "sandbox-jduge"], "config field eval_reward: unknown reward 'sandbox-jduge'"),
     ],
 )
 def test_config_mistakes_are_one_line_before_loading(extra, expected):
@@ -254,9 +268,10 @@ def test_config_mistakes_are_one_line_before_loading(extra, expected):
 
 
 def test_a_local_dataset_lacking_a_column_or_the_split_is_one_line_before_loading(tmp_path):
-    """A local Pick-a-Pic-format directory whose train file lacks ``label_0``, or that has no such split, fails in
-    the configuration check: one line naming the file (or the splits found), exit 2, neither torch nor diffusers
-    imported (before this check it failed after the model loaded, with a traceback)."""
+    """A local Pick-a-Pic-format directory whose train file lacks ``label_0``, that has no such split, or that lacks
+    the evaluation's split, fails in the configuration check: one line naming the file (or the splits found), exit 2,
+    neither torch nor diffusers imported (before this check the first failed after the model loaded, with a
+    traceback, and the last only after the whole training, before the export)."""
     import pyarrow.parquet as pq
 
     from diffalign.sandbox import SANDBOX_DATA
@@ -271,6 +286,11 @@ def test_a_local_dataset_lacking_a_column_or_the_split_is_one_line_before_loadin
         (["--dataset", str(tmp_path / "data" / "*.parquet")], "missing column 'label_0'"),
         (["--dataset", str(tmp_path / "data" / "*.parket")], "no file matches this pattern"),
     ]
+    (tmp_path / "good" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "good" / "data" / "train-00000-of-00001.parquet")
+    cases.append(
+        (["--dataset", str(tmp_path / "good")], "split 'test_unique' not found (splits found: train)")
+    )
     for extra, expected in cases:
         proc = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), "--dataset", str(tmp_path), *extra,
                                "--output_dir", str(tmp_path / "out")], env=ENV, capture_output=True, text=True,

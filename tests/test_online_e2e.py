@@ -132,6 +132,7 @@ def test_two_processes_reproduce_the_one_process_run(tmp_path):
         (["--prompts", "/nonexistent/prompts.txt"], "/nonexistent/prompts.txt"),
         (["--sample_eta", "0"], "sample_eta"),
         (["--prompts_per_epoch", "6", "--train_batch_size", "4"], "train_batch_size=4"),
+        (["--reward", "sandbox-vp-onpolicy:1,pickscor:2"], "config field reward: unknown reward 'pickscor'"),
     ],
 )
 def test_configuration_mistakes_are_one_line(tmp_path, flags, message):

@@ -96,3 +96,51 @@ def test_data_builders_default_to_the_folders_their_docs_name(monkeypatch):
     monkeypatch.setattr(module, "shuffle_labels", fake)
     module.main([])
     assert seen == {"out": str(REPO / "outputs" / "sandbox-coin"), "splits": ["train"], "seed": 0}
+
+
+def test_reward_agreement_defaults_to_the_shipped_pairs_and_counts_unreadable_ones(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffalign.sandbox import SANDBOX_DATA
+
+    module = script("eval_reward_agreement")
+    out = module.main(["--rewards", "sandbox-clip", "--output", str(tmp_path / "a.json")])
+    assert out["dataset"] == "sandbox" and out["split"] == "test" and out["skipped_pairs"] == 0
+    assert (
+        out["pairs"] == pq.read_metadata(Path(SANDBOX_DATA) / "data" / "test-00000-of-00001.parquet").num_rows
+    )
+    assert 0.5 < out["rewards"]["sandbox-clip"]["agreement"] <= 1.0  # the tiny CLIP ranks better than chance
+
+    rows = pq.read_table(Path(SANDBOX_DATA) / "data" / "test-00000-of-00001.parquet").slice(0, 30).to_pylist()
+    for i in (0, 7, 8):
+        rows[i]["jpg_1" if i == 7 else "jpg_0"] = b"not an image"
+    (tmp_path / "d" / "data").mkdir(parents=True)
+    schema = pq.read_schema(Path(SANDBOX_DATA) / "data" / "test-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema), tmp_path / "d" / "data" / "test-00000-of-00001.parquet"
+    )
+    out = module.main(
+        [str(tmp_path / "d"), "--rewards", "sandbox-clip", "--output", str(tmp_path / "b.json")]
+    )
+    assert out["skipped_pairs"] == 3 and out["pairs"] == 27
+
+
+def test_dreambench_benchmark_defaults_to_the_sandbox_subjects():
+    from diffalign.config import parse_config
+    from diffalign.eval.dreambench import DreamBenchConfig, resolve_dreambench_dir
+
+    cfg = parse_config(DreamBenchConfig, [])
+    assert cfg.data == "sandbox"
+    assert (resolve_dreambench_dir(cfg.data) / "dataset" / "prompts_and_classes.txt").is_file()
+
+
+def test_every_script_reports_mistakes_in_one_line():
+    """Each script's entry point goes through ``main_for_people``: a configuration error is one line and exit 2,
+    not a traceback (``--debug`` shows it)."""
+    entry = [
+        p for p in sorted((REPO / "scripts").glob("*.py")) if 'if __name__ == "__main__":' in p.read_text()
+    ]
+    assert len(entry) >= 20
+    bare = [p.name for p in entry if "main_for_people(" not in p.read_text()]  # direct, or through cli()
+    assert not bare, f"scripts whose errors print a traceback: {bare}"

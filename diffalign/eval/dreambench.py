@@ -51,6 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import _help
+from ..errors import ConfigError
 from ..rewards.combine import lambda_harmonic
 from ..rewards.features import ImageFeatureExtractor  # also importable from here, as before
 from .benchmark_models import SamplingConfig, apply_variant, load_base_pipeline, resolve_variant
@@ -351,8 +352,8 @@ class DreamBenchConfig(SamplingConfig):
 
     data: str = _help(
         "DreamBench directory (holding dataset/ or prompts_and_classes.txt itself); 'sandbox' = the shipped sandbox "
-        "subjects",
-        "",
+        "subjects (the default, so the script runs with no arguments)",
+        "sandbox",
     )
     subjects: list[str] | None = _help(
         "comma-separated subject names (default: every subject with images)", None
@@ -385,15 +386,18 @@ class DreamBenchConfig(SamplingConfig):
 
     def __post_init__(self) -> None:
         if not self.data:
-            raise ValueError(
-                "give the DreamBench directory: --data PATH (with dataset/prompts_and_classes.txt)"
+            raise ConfigError(
+                "config field data is empty: give the DreamBench directory (--data PATH, with "
+                "dataset/prompts_and_classes.txt) or 'sandbox'"
             )
         if self.clip_t_prompt not in ("class", "full"):
-            raise ValueError(f"clip_t_prompt must be 'class' or 'full', got {self.clip_t_prompt!r}")
+            raise ConfigError(
+                f"config field clip_t_prompt must be 'class' or 'full', got {self.clip_t_prompt!r}"
+            )
         if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+            raise ConfigError(f"config field lam must be in [0, 1], got {self.lam}")
         if self.images_per_prompt < 1:
-            raise ValueError(f"images_per_prompt must be >= 1, got {self.images_per_prompt}")
+            raise ConfigError(f"config field images_per_prompt must be >= 1, got {self.images_per_prompt}")
 
     @property
     def seeds(self) -> list[int]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 
+from diffalign.errors import ConfigError
 from diffalign.rewards.base import Reward
 from diffalign.sandbox import REWARD_MODELS_DIR
 
@@ -71,7 +72,7 @@ def manifest_path(name_or_path: str | os.PathLike, catalog_dir: str | os.PathLik
     candidate = Path(catalog_dir) / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
-    raise ValueError(
+    raise ConfigError(
         f"unknown reward {str(name_or_path)!r}: not a manifest file and not in the catalog {catalog_dir}; "
         f"valid names: {', '.join(list_rewards(catalog_dir))}"
     )

@@ -5,7 +5,9 @@ mid-write never leaves a half checkpoint that ``--resume_from_checkpoint latest`
 holds the loop position (optimizer step, epoch, micro-batches consumed in the epoch) for an exact resume, and the
 SHA-256 of every file in the checkpoint: a file damaged later (scrambled bytes that still parse, a truncated shard)
 is named when the checkpoint is loaded instead of resuming into NaN losses. ``latest`` falls back to the newest
-checkpoint that verifies and loads, and says which ones it skipped.
+checkpoint that verifies and loads, and says which ones it skipped; a checkpoint that verifies but does not load
+(written with other settings, such as another LoRA rank) stops the run instead, since starting over in the same
+directory would overwrite it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def load_train_state(path: Path) -> dict:
 def resume_state(accelerator, unet, output_dir: str | Path, resume: str | None) -> dict | None:
     """Load the checkpoint ``resume`` names into the accelerator's objects and return its ``train_state``, or
     ``None`` to start fresh. ``latest`` falls back to the newest checkpoint that verifies and loads, naming each one
-    it skipped; an explicit directory that does not load raises :class:`~diffalign.errors.TrainingError`."""
+    it skipped (damaged ones); an explicit directory that does not load, or an intact one (its files match their
+    digests) that does not fit this run's model or optimizer, raises :class:`~diffalign.errors.TrainingError`."""
     import torch
 
     from ..errors import TrainingError
@@ -121,8 +124,10 @@ def resume_state(accelerator, unet, output_dir: str | Path, resume: str | None) 
         accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {output_dir}; starting fresh")
         return None
     for path in candidates:
+        intact = False  # its files match the digests written with it: a load failure is then not damage
         try:
             verify_checkpoint(path)
+            intact = bool(load_train_state(path).get("files"))
             accelerator.load_state(str(path))
             st = load_train_state(path)
             bad = next((n for n, p in unet.named_parameters() if not torch.isfinite(p).all()), None)
@@ -132,6 +137,13 @@ def resume_state(accelerator, unet, output_dir: str | Path, resume: str | None) 
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if resume != "latest":
                 raise TrainingError(f"cannot resume from {path}: {reason}") from err
+            if intact and not isinstance(err, TrainingError):
+                # Written by a run with other settings (LoRA rank or targets, model, optimizer): falling back or
+                # starting fresh would overwrite it with this run's checkpoints of the same names.
+                raise TrainingError(
+                    f"checkpoint {path} is intact but does not load into this run ({reason}): it was written "
+                    "with other settings. Resume with the settings it was written with, or give a new output_dir"
+                ) from err
             accelerator.print(f"skipping checkpoint {path}: {reason}")
             continue
         st["path"] = str(path)
