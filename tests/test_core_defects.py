@@ -6,6 +6,7 @@ in it, the trainer in-process where a fault has to be injected.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -220,6 +221,22 @@ def test_latest_refuses_an_intact_checkpoint_of_other_settings_instead_of_overwr
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"checkpoint {out / 'checkpoint-4'} is intact but does not load into this run" in proc.stderr
     assert {p.name: (p / "train_state.json").read_text() for p in out.glob("checkpoint-*")} == before
+
+
+def test_a_resume_under_other_data_settings_says_it_is_not_a_continuation(tiny, tmp_path):
+    """The checkpoint records the settings that decide which pairs a step draws; resuming with the same ones prints
+    nothing, with another batch size it names the change (the restored position counts batches of the old size)."""
+    out = tmp_path / "run"
+    _ok(_cli(_args(tiny["sd"], tiny["data"], out, "--max_train_steps", "2")))
+    state = json.loads((out / "checkpoint-2" / "train_state.json").read_text())
+    assert state["settings"]["train_batch_size"] == 4 and state["settings"]["num_processes"] == 1
+    same = _ok(_cli(_args(tiny["sd"], tiny["data"], out, "--max_train_steps", "3", "--resume_from_checkpoint",
+                          "latest")))  # fmt: skip
+    assert "resumed from" in same.stdout and "warning: resuming" not in same.stdout
+    other = _ok(_cli(_args(tiny["sd"], tiny["data"], out, "--max_train_steps", "5", "--train_batch_size", "2",
+                           "--resume_from_checkpoint", str(out / "checkpoint-2"))))  # fmt: skip
+    line = next(x for x in other.stdout.splitlines() if x.startswith("warning: resuming"))
+    assert "train_batch_size 4 -> 2" in line and "not an exact continuation" in line
 
 
 def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):

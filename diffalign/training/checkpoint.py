@@ -106,6 +106,39 @@ def save_checkpoint(
     return final
 
 
+OFFLINE_POSITION_FIELDS = ("objective", "seed", "dataset", "split", "max_train_samples", "tie_policy", "train_batch_size",
+                           "gradient_accumulation_steps", "resolution", "random_crop", "random_flip")  # fmt: skip
+"""Offline settings that decide which pairs a step draws: a resume with other values is not a continuation."""
+ONLINE_POSITION_FIELDS = ("objective", "seed", "prompts", "prompt_pool_size", "prompts_per_epoch", "images_per_prompt",
+                          "train_batch_size", "gradient_accumulation_steps", "reward")  # fmt: skip
+"""Online settings that decide an epoch's prompts, samples and updates."""
+
+
+def run_settings(cfg, fields: tuple[str, ...], num_processes: int) -> dict:
+    """The values of ``fields`` (and the process count) that a checkpoint records, to compare on resume."""
+    return {**{f: getattr(cfg, f, None) for f in fields}, "num_processes": int(num_processes)}
+
+
+def changed_settings(state: dict, current: dict) -> list[str]:
+    """``["train_batch_size 4 -> 8", ...]``: the recorded settings that differ now (none for a checkpoint that
+    recorded none, written before they were)."""
+    saved = state.get("settings") or {}
+    return [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
+
+
+def warn_changed_settings(accelerator, state: dict, current: dict) -> list[str]:
+    """Print one line when the run resumes with settings other than the checkpoint's: the loop position it restores
+    (epoch, batches, prompt stream) was counted under the old ones, so the run is not an exact continuation."""
+    changes = changed_settings(state, current)
+    if changes:
+        accelerator.print(
+            f"warning: resuming {state.get('path', 'a checkpoint')} with settings that differ from the ones it was "
+            f"written with ({'; '.join(changes)}): the data position it restores was counted under the old ones, "
+            "so this run is not an exact continuation"
+        )
+    return changes
+
+
 def load_train_state(path: Path) -> dict:
     return json.loads((Path(path) / "train_state.json").read_text())
 

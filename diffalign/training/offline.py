@@ -137,7 +137,11 @@ class OfflinePairsTrainer:
         self.accelerator.print(
             f"resumed from {st['path']} at step {self.global_step} (epoch {self.epoch}, batch {self.batches_in_epoch})"
         )
+        ck.warn_changed_settings(self.accelerator, st, self._settings())
         return True
+
+    def _settings(self) -> dict:
+        return ck.run_settings(self.cfg, ck.OFFLINE_POSITION_FIELDS, self.accelerator.num_processes)
 
     def _print_derived(self) -> None:
         cfg, acc, spec = self.cfg, self.accelerator, self.spec
@@ -313,6 +317,7 @@ class OfflinePairsTrainer:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "train_seconds": self.train_seconds(),
+            "settings": self._settings(),
         }
         path = ck.save_checkpoint(
             self.accelerator, self.output_dir, self.global_step, state, self.cfg.checkpoints_total_limit

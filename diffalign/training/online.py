@@ -150,6 +150,7 @@ class OnlineTrainer:
             self.reward_state = st.get("reward_state", {})
             self.skipped_nonfinite = st.get("skipped_nonfinite", 0)
             acc.print(f"resumed from {st['path']} at epoch {self.epoch} (step {self.global_step})")
+            ck.warn_changed_settings(acc, st, self._settings())
         start_outputs(run, st is not None, tracker_project=f"diffalign-{self.spec.name}")
         self._print_derived()
 
@@ -470,12 +471,16 @@ class OnlineTrainer:
         # per-attribute aspects are undefined (NaN) for prompts that do not name the attribute
         return {f"heldout/{k}": float(np.nanmean(v)) for k, v in scores.items() if np.isfinite(v).any()}
 
+    def _settings(self) -> dict:
+        return ck.run_settings(self.cfg, ck.ONLINE_POSITION_FIELDS, self.accelerator.num_processes)
+
     def save_checkpoint(self) -> Path:
         state = {
             "epoch": self.epoch,
             "global_step": self.global_step,
             "reward_state": json.loads(json.dumps(self.reward_state)),
             "skipped_nonfinite": self.skipped_nonfinite,
+            "settings": self._settings(),
         }
         path = ck.save_checkpoint(
             self.accelerator, self.output_dir, self.epoch, state, self.cfg.checkpoints_total_limit
