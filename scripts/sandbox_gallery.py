@@ -51,6 +51,13 @@ def main() -> None:
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(args.model))
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
+        if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+            from diffalign.errors import ConfigError
+
+            raise ConfigError(
+                f"--lora {args.lora}: no pytorch_lora_weights.safetensors there; give the lora/ folder a training run "
+                "exported (e.g. outputs/dpo-sandbox/lora)"
+            )
         pipe.load_lora_weights(args.lora)
     rows_p, rows_s = expand_prompts(CAPTIONS, list(range(args.seeds)))
     images = generate(pipe, rows_p, rows_s, steps=args.steps, guidance=args.guidance)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffalign.errors import ConfigError
 from diffalign.eval.benchmark_models import resolve_variant
 from diffalign.eval.benchmark_pickapic import (
     compare_scores,
@@ -249,10 +250,14 @@ def test_synthetic_dreambench_two_subjects(tmp_path):
     assert subject_prompts(mug, data.prompts)[1] == "a red sks mug"
     assert remove_token("a purple sks cat", "sks") == "a purple cat"
     assert [s.name for s in load_dreambench(tmp_path, subjects=["mug"]).subjects] == ["mug"]
-    with pytest.raises(ValueError, match="available"):
+    # a user's DreamBench copy that does not parse is a ConfigError: the scripts print it as one line
+    with pytest.raises(ConfigError, match="available"):
         load_dreambench(tmp_path, subjects=["nope"])
     (tmp_path / "dataset" / "prompts_and_classes.txt").write_text("Classes\nsubject_name,class\nmug,mug\n")
-    with pytest.raises(ValueError, match="no object prompt templates"):
+    with pytest.raises(ConfigError, match="no object prompt templates"):
+        load_dreambench(tmp_path)
+    (tmp_path / "dataset" / "prompts_and_classes.txt").write_text("subject_name,class\nmug,mug\n")
+    with pytest.raises(ConfigError, match="no 'subject_name,class' rows found after a 'Classes' line"):
         load_dreambench(tmp_path)
 
 

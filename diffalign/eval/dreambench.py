@@ -90,7 +90,8 @@ def parse_prompts_and_classes(path: str | Path) -> DreamBenchPrompts:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: no class table, or a template list is missing (names the file and what was found).
+        ConfigError (a ValueError): no class table, or a template list is missing (names the file and what was
+            found).
     """
     path = Path(path)
     if not path.is_file():
@@ -120,7 +121,7 @@ def parse_prompts_and_classes(path: str | Path) -> DreamBenchPrompts:
             m = _TEMPLATE.search(line)
             if m:
                 if current is None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path}: template {line!r} appears before an 'Object'/'Live' prompt header"
                     )
                 lists[current].append(m.group(1) if m.group(1) is not None else m.group(2))
@@ -130,10 +131,10 @@ def parse_prompts_and_classes(path: str | Path) -> DreamBenchPrompts:
             if m and (m.group(1).lower(), m.group(2).lower()) != ("subject_name", "class"):
                 classes[m.group(1)] = m.group(2)
     if not classes:
-        raise ValueError(f"{path}: no 'subject_name,class' rows found after a 'Classes' line")
+        raise ConfigError(f"{path}: no 'subject_name,class' rows found after a 'Classes' line")
     for kind, items in lists.items():
         if not items:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: no {kind} prompt templates found (expected quoted strings with {{0}} {{1}} after a line "
                 f"'{'Object' if kind == 'object' else 'Live Subject'} Prompts')"
             )
@@ -193,7 +194,7 @@ def load_dreambench(
     if subjects:
         bad = [s for s in subjects if s not in folders]
         if bad:
-            raise ValueError(f"subject(s) {bad} have no image folder in {d}; available: {sorted(folders)}")
+            raise ConfigError(f"subject(s) {bad} have no image folder in {d}; available: {sorted(folders)}")
         folders = {k: folders[k] for k in subjects}
     live = {c.lower() for c in live_classes}
     out, unknown = [], []
@@ -205,7 +206,7 @@ def load_dreambench(
         out.append(Subject(name, cls, cls.lower() in live, images))
     missing = [] if subjects else [s for s in spec.classes if s not in folders]
     if not out:
-        raise ValueError(
+        raise ConfigError(
             f"{d}: no subject folder with images matches the class table (folders: {sorted(folders)})"
         )
     return DreamBenchData(d, spec, out, missing, unknown)
@@ -289,7 +290,7 @@ def load_feature_backbone(name_or_dir: str, device: str = "cpu") -> ImageFeature
 
     backbone = load_reward(name_or_dir, device=device)
     if not isinstance(backbone, ImageFeatureExtractor):
-        raise ValueError(
+        raise ConfigError(
             f"{name_or_dir!r} is not an image-feature backbone (kind image_features, e.g. dino-vits16; or give a model "
             "directory, e.g. reward_models/sandbox-clip for its vision tower); got "
             f"{type(backbone).__name__}"
@@ -304,7 +305,7 @@ class ClipEmbedder:
     def __init__(self, clip, batch_size: int = 32) -> None:
         for attr in ("pixel_values", "image_features", "text_features"):
             if not hasattr(clip, attr):
-                raise ValueError(
+                raise ConfigError(
                     f"{getattr(clip, 'name', clip)!r} is not a CLIP model (no {attr}); use a CLIP manifest such as "
                     "clip-vit-l14 or sandbox-clip"
                 )
