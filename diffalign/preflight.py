@@ -56,8 +56,9 @@ def check_paths(cfg: Any) -> None:
 
 
 def check_training_data(cfg: Any) -> None:
-    """For a local Parquet ``dataset`` of offline training (not a named sandbox set, not streamed): the files of
-    ``split`` have the columns pairs need; unless ``skip_eval``, the dataset is a directory (Parquet files are one
+    """A personalised objective that evaluates at the end needs a PPD build (its ``users.json``). For a local
+    Parquet ``dataset`` of offline training (not a named sandbox set, not streamed): the files of ``split`` have the
+    columns pairs need; unless ``skip_eval``, the dataset is a directory (Parquet files are one
     split, so ``eval_split`` would read the training captions) and has ``eval_split`` (a personalised objective
     evaluates on its users' own splits instead). Only Parquet schemas are read."""
     from .config import NAMED_DATASETS
@@ -65,6 +66,14 @@ def check_training_data(cfg: Any) -> None:
     from .data.splits import check_pair_source
     from .objectives.registry import get_objective
 
+    personal = get_objective(cfg.objective).conditioning == "user"
+    ppd_build = cfg.dataset.startswith("sandbox-ppd") or (Path(cfg.dataset) / "users.json").is_file()
+    if personal and not cfg.skip_eval and not ppd_build:
+        raise ConfigError(
+            f"config field dataset={cfg.dataset!r}: objective {cfg.objective!r} ends with a per-user evaluation, "
+            f"which reads {Path(cfg.dataset) / 'users.json'}, and it is not there: give a sandbox-ppd build "
+            "directory (scripts/build_ppd_data.py) or 'sandbox-ppd', or set skip_eval true"
+        )
     if cfg.dataset in NAMED_DATASETS or cfg.streaming:
         return
     check_pair_source(cfg.dataset, cfg.split, PAIR_REQUIRED_COLUMNS)
@@ -76,7 +85,7 @@ def check_training_data(cfg: Any) -> None:
             f"eval_split {cfg.eval_split!r} would read the training captions. Put the files in a directory in the Hub "
             f"layout (data/<split>-00000-of-00001.parquet, with a {cfg.eval_split} split), or set skip_eval true"
         )
-    if get_objective(cfg.objective).conditioning != "user":
+    if not personal:
         check_pair_source(cfg.dataset, cfg.eval_split, ("caption",))
 
 

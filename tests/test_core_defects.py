@@ -270,6 +270,10 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
         (["--output_dir", "README.md"], "output_dir='README.md' is a file"),
         (["--max_train_steps", "many"], "--max_train_steps expects int, got 'many'"),
         (["--eval_reward", "sandbox-jduge"], "config field eval_reward: unknown reward 'sandbox-jduge'"),
+        (
+            ["--config", "configs/sandbox_dpo.yaml", "--objective", "ppd"],
+            "objective 'ppd' ends with a per-user evaluation, which reads sandbox/users.json",
+        ),
     ],
 )
 def test_config_mistakes_are_one_line_before_loading(extra, expected):
