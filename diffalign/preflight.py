@@ -18,9 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .data.splits import is_glob
 from .errors import ConfigError
-
-GLOB_CHARS = "*?["
 
 
 def looks_local(value: str) -> bool:
@@ -37,7 +36,7 @@ def check_paths(cfg: Any) -> None:
         raise ConfigError(f"config field output_dir={cfg.output_dir!r} is a file: give a directory")
     for name, named in (("pretrained_model", NAMED_MODELS), ("dataset", NAMED_DATASETS)):
         value = getattr(cfg, name)
-        if name == "dataset" and any(ch in value for ch in GLOB_CHARS):  # a glob of Parquet files
+        if name == "dataset" and is_glob(value):  # a glob of Parquet files
             if not glob.glob(os.path.expanduser(value)):
                 raise ConfigError(
                     f"config field dataset={value!r}: no file matches this pattern; check the path"
@@ -79,7 +78,7 @@ def check_training_data(cfg: Any) -> None:
     check_pair_source(cfg.dataset, cfg.split, PAIR_REQUIRED_COLUMNS)
     if cfg.skip_eval:
         return
-    if any(ch in cfg.dataset for ch in GLOB_CHARS) or cfg.dataset.endswith(".parquet"):
+    if is_glob(cfg.dataset) or cfg.dataset.endswith(".parquet"):
         raise ConfigError(
             f"config field dataset={cfg.dataset!r} names Parquet files, which are one split: the final evaluation's "
             f"eval_split {cfg.eval_split!r} would read the training captions. Put the files in a directory in the Hub "
@@ -89,20 +88,34 @@ def check_training_data(cfg: Any) -> None:
         check_pair_source(cfg.dataset, cfg.eval_split, ("caption",))
 
 
-def check_reward(field_name: str, name: str) -> None:
-    """A reward is a catalog name (``reward_models/<name>.yaml``) or a manifest file: the rule of
-    :func:`diffalign.rewards.catalog.manifest_path`, checked without importing torch."""
-    from .sandbox import REWARD_MODELS_DIR
+def reward_names(catalog_dir: str | os.PathLike) -> list[str]:
+    """Names of the manifests in a reward catalog (``reward_models/*.yaml``), sorted."""
+    return sorted(p.stem for p in Path(catalog_dir).glob("*.yaml"))
 
+
+def reward_manifest(name_or_path: str | os.PathLike, catalog_dir: str | os.PathLike | None = None) -> Path:
+    """The manifest file of a catalog name (``"pickscore"`` -> ``<catalog>/pickscore.yaml``) or of a manifest path
+    (``.yaml``, ``.yml``, ``.json``); the catalog is ``reward_models/`` unless given. Raises ConfigError listing the
+    catalog's names. :func:`diffalign.rewards.catalog.manifest_path` is this function."""
+    if catalog_dir is None:
+        from .sandbox import REWARD_MODELS_DIR as catalog_dir
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+        return p
+    candidate = Path(catalog_dir) / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"unknown reward {str(name_or_path)!r}: not a manifest file and not in the catalog {catalog_dir}; "
+        f"valid names: {', '.join(reward_names(catalog_dir))}"
+    )
+
+
+def check_reward(field_name: str, name: str) -> None:
+    """A config field naming a reward names a catalog entry or a manifest file (:func:`reward_manifest`)."""
     if not name:
         return  # an empty reward is refused where it is read, with its own message
-    path = Path(os.path.expanduser(name))
-    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
-        return
-    if (Path(REWARD_MODELS_DIR) / f"{name}.yaml").is_file():
-        return
-    valid = sorted(p.stem for p in Path(REWARD_MODELS_DIR).glob("*.yaml"))
-    raise ConfigError(
-        f"config field {field_name}: unknown reward {name!r}: not a manifest file and not in the catalog "
-        f"{REWARD_MODELS_DIR}; valid names: {', '.join(valid)}"
-    )
+    try:
+        reward_manifest(name)
+    except ConfigError as err:
+        raise ConfigError(f"config field {field_name}: {err}") from None

@@ -14,7 +14,8 @@ from typing import Any
 from ..errors import ConfigError
 
 
-def _is_glob(text: str) -> bool:
+def is_glob(text: str) -> bool:
+    """A file pattern (``*``, ``?`` or ``[``) rather than one path."""
     return any(ch in text for ch in "*?[")
 
 
@@ -57,8 +58,8 @@ def check_pair_source(source: str, split: str, required: Sequence[str]) -> int |
     path = Path(text)
     if path.is_dir():
         files = _split_files(path, split)
-    elif _is_glob(text) or path.suffix == ".parquet":
-        files = sorted(_glob.glob(text)) if _is_glob(text) else [text]
+    elif is_glob(text) or path.suffix == ".parquet":
+        files = sorted(_glob.glob(text)) if is_glob(text) else [text]
         if not files or not all(Path(f).is_file() for f in files):
             raise ConfigError(f"config field dataset={text!r}: no Parquet file matches it")
     else:
@@ -129,8 +130,8 @@ def load_pickapic_split(
                     raise ValueError(f"{text}: split {split!r} not found ({err})") from err
                 raise
         return _load_parquet_files(files, split, kwargs)
-    if _is_glob(text) or path.suffix == ".parquet":
-        files = sorted(_glob.glob(text)) if _is_glob(text) else [text]
+    if is_glob(text) or path.suffix == ".parquet":
+        files = sorted(_glob.glob(text)) if is_glob(text) else [text]
         if not files or not all(Path(f).is_file() for f in files):
             raise FileNotFoundError(f"no Parquet file matches {text!r}")
         return _load_parquet_files(files, split, kwargs)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 
-from diffalign.errors import ConfigError
+from diffalign.preflight import reward_manifest, reward_names
 from diffalign.rewards.base import Reward
 from diffalign.sandbox import REWARD_MODELS_DIR
 
@@ -61,21 +61,13 @@ class MissingWeightsError(FileNotFoundError):
 
 def list_rewards(catalog_dir: str | os.PathLike = CATALOG_DIR) -> list[str]:
     """Names of the shipped manifests (``reward_models/*.yaml``), sorted."""
-    return sorted(p.stem for p in Path(catalog_dir).glob("*.yaml"))
+    return reward_names(catalog_dir)
 
 
 def manifest_path(name_or_path: str | os.PathLike, catalog_dir: str | os.PathLike = CATALOG_DIR) -> Path:
-    """Resolve a catalog name (``"pickscore"``) or a manifest file path to the manifest file."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
-        return p
-    candidate = Path(catalog_dir) / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    raise ConfigError(
-        f"unknown reward {str(name_or_path)!r}: not a manifest file and not in the catalog {catalog_dir}; "
-        f"valid names: {', '.join(list_rewards(catalog_dir))}"
-    )
+    """Resolve a catalog name (``"pickscore"``) or a manifest file path to the manifest file (the rule lives in
+    :func:`diffalign.preflight.reward_manifest`, which the configuration check uses without importing torch)."""
+    return reward_manifest(name_or_path, catalog_dir)
 
 
 def load_manifest(
