@@ -30,7 +30,9 @@ from .errors import ConfigError
 from .preflight import check_reward
 
 #: dataset names diffalign.data.sources.resolve_dataset maps to a directory (not a path, not a hub id)
-NAMED_DATASETS = ("sandbox", "sandbox-ppd", "sandbox-ppd-6u")
+#: the named builds that carry simulated users (users.json), for the personalised objectives
+PPD_DATASETS = ("sandbox-ppd", "sandbox-ppd-6u")
+NAMED_DATASETS = ("sandbox", *PPD_DATASETS)
 #: model names diffalign.models.pipeline.resolve_model_path maps to a pipeline directory (the base; the distilled model)
 NAMED_MODELS = ("sandbox", "sandbox-4step")
 

@@ -60,13 +60,13 @@ def check_training_data(cfg: Any) -> None:
     columns pairs need; unless ``skip_eval``, the dataset is a directory (Parquet files are one
     split, so ``eval_split`` would read the training captions) and has ``eval_split`` (a personalised objective
     evaluates on its users' own splits instead). Only Parquet schemas are read."""
-    from .config import NAMED_DATASETS
+    from .config import NAMED_DATASETS, PPD_DATASETS
     from .data.schema import PAIR_REQUIRED_COLUMNS
     from .data.splits import check_pair_source
     from .objectives.registry import get_objective
 
     personal = get_objective(cfg.objective).conditioning == "user"
-    ppd_build = cfg.dataset.startswith("sandbox-ppd") or (Path(cfg.dataset) / "users.json").is_file()
+    ppd_build = cfg.dataset in PPD_DATASETS or (Path(cfg.dataset) / "users.json").is_file()
     if personal and not cfg.skip_eval and not ppd_build:
         raise ConfigError(
             f"config field dataset={cfg.dataset!r}: objective {cfg.objective!r} ends with a per-user evaluation, "

@@ -246,6 +246,7 @@ def test_default_build_counts(tmp_path):
 def test_every_named_build_passes_the_configs_path_check():
     """config.NAMED_DATASETS (checked before anything heavy is imported) must list every PPD build name, or a
     config naming a new build fails its pre-flight check as a missing directory."""
-    from diffalign.config import NAMED_DATASETS
+    from diffalign.config import NAMED_DATASETS, PPD_DATASETS
 
     assert set(ppd.NAMED_BUILDS) <= set(NAMED_DATASETS)
+    assert set(ppd.NAMED_BUILDS) == set(PPD_DATASETS)  # the preflight's PPD check reads this list

@@ -160,9 +160,9 @@ def resume_state(accelerator, unet, output_dir: str | Path, resume: str | None) 
         intact = False  # its files match the digests written with it: a load failure is then not damage
         try:
             verify_checkpoint(path)
-            intact = bool(load_train_state(path).get("files"))
-            accelerator.load_state(str(path))
             st = load_train_state(path)
+            intact = bool(st.get("files"))
+            accelerator.load_state(str(path))
             bad = next((n for n, p in unet.named_parameters() if not torch.isfinite(p).all()), None)
             if bad is not None:  # e.g. a checkpoint written before file digests existed, damaged since
                 raise TrainingError(f"checkpoint {path}: weight {bad} holds NaN/inf values")
