@@ -5,7 +5,8 @@
 - :func:`check_training_data`: a local Pick-a-Pic-format source of offline training: the training split's files have
   the columns pairs need, and the final evaluation's ``eval_split`` exists (it would otherwise fail only after the
   whole training);
-- :func:`check_reward`: a reward is a catalog name or a manifest file.
+- :func:`check_reward`: a reward is a catalog name or a manifest file;
+- :func:`check_resolution`: ``resolution`` is a multiple of the pipeline's VAE downsampling factor.
 
 Each raises :class:`~diffalign.errors.ConfigError` (or its subclass ``SchemaError``) with one line naming the field,
 file or split and what to do; the scripts print it as such.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ def check_paths(cfg: Any) -> None:
             raise ConfigError(
                 f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); check the path"
             )
+    check_resolution(cfg.resolution, cfg.pretrained_model)
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest" and not Path(resume).is_dir():
         raise ConfigError(
@@ -119,3 +122,36 @@ def check_reward(field_name: str, name: str) -> None:
         reward_manifest(name)
     except ConfigError as err:
         raise ConfigError(f"config field {field_name}: {err}") from None
+
+
+def vae_downsampling(vae_config: Mapping[str, Any]) -> int:
+    """How many pixels one latent pixel spans per side: 2 ** (number of VAE blocks - 1) (SD1.x/SDXL: 8, sandbox: 4)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def check_resolution(
+    resolution: int, pretrained_model: str, vae_config: Mapping[str, Any] | None = None
+) -> None:
+    """``resolution`` is a multiple of the VAE's downsampling factor: otherwise images are encoded to latents that
+    cover fewer pixels than asked, and sampling draws images of another size. The VAE's ``config.json`` is read from
+    the pipeline directory (a named sandbox model or a local path); pass ``vae_config`` once it is loaded (hub ids)."""
+    if vae_config is None:
+        from .config import NAMED_MODELS
+
+        if pretrained_model in NAMED_MODELS:  # sandbox-4step shares the sandbox's VAE
+            from .sandbox import SANDBOX_PIPELINE as root
+        else:
+            root = Path(os.path.expanduser(pretrained_model))
+        config_file = root / "vae" / "config.json"
+        if not config_file.is_file():
+            return  # a hub id: checked once the VAE is loaded
+        import json
+
+        vae_config = json.loads(config_file.read_text())
+    factor = vae_downsampling(vae_config)
+    if resolution % factor:
+        below = max(factor, resolution - resolution % factor)
+        raise ConfigError(
+            f"config field resolution={resolution} is not a multiple of {factor}, the downsampling factor of the VAE "
+            f"of {pretrained_model!r}: give a multiple of {factor}, e.g. {below} or {below + factor}"
+        )

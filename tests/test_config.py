@@ -95,3 +95,27 @@ def test_bad_values_name_the_field(tmp_path):
         DPOConfig(streaming=True, use_cache=True)
     with pytest.raises(ValueError, match="cache_batch_size must be >= 1, got 0"):
         parse_config(DPOConfig, ["--cache-batch-size", "0"])
+
+
+def test_resolution_must_be_a_multiple_of_the_vae_downsampling(tmp_path):
+    """SD-shaped VAEs (4 blocks) downsample 8x, the sandbox's (3 blocks) 4x: a resolution off that grid is refused,
+    read from a local pipeline's vae/config.json before loading, or from the loaded VAE's config (hub ids)."""
+    import json
+
+    from diffalign.errors import ConfigError
+    from diffalign.preflight import check_resolution, vae_downsampling
+
+    sd = {"block_out_channels": [128, 256, 512, 512]}
+    assert vae_downsampling(sd) == 8 and vae_downsampling({"block_out_channels": [16, 32, 32]}) == 4
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(sd))
+    check_resolution(512, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"resolution=516 is not a multiple of 8, .* e\.g\. 512 or 520"):
+        check_resolution(516, str(tmp_path))
+    check_resolution(516, "owner/hub-model")  # no local config: checked after loading
+    with pytest.raises(ConfigError, match=r"resolution=4 is not a multiple of 8, .* e\.g\. 8 or 16"):
+        check_resolution(4, "owner/hub-model", vae_config=sd)
+    check_resolution(32, "sandbox")
+    check_resolution(32, "sandbox-4step")
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        check_resolution(30, "sandbox-4step")

@@ -268,6 +268,11 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
             "pretrained_model='./no/such/model': no such local directory",
         ),
         (["--output_dir", "README.md"], "output_dir='README.md' is a file"),
+        (
+            ["--resolution", "33"],
+            "resolution=33 is not a multiple of 4, the downsampling factor of the VAE of 'sandbox': give a multiple "
+            "of 4, e.g. 32 or 36",
+        ),
         (["--max_train_steps", "many"], "--max_train_steps expects int, got 'many'"),
         (["--eval_reward", "sandbox-jduge"], "config field eval_reward: unknown reward 'sandbox-jduge'"),
         (

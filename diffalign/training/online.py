@@ -39,6 +39,7 @@ from ..models import conditioning as mc
 from ..models import pipeline as mp
 from ..objectives.inputs import TrajectoryLogProbs
 from ..objectives.registry import get_objective
+from ..preflight import vae_downsampling
 from . import checkpoint as ck
 from . import outputs
 from .run import append_log, backward_and_step, build_optimization, setup_run, start_outputs
@@ -226,7 +227,7 @@ class OnlineTrainer:
         seeds = [pair_seed(cfg.seed, epoch, r) for r in global_rows]
         text_p = mp.encode_prompts(self.comps, mine)
         text = {k: v.repeat_interleave(n_img, dim=0) for k, v in text_p.items()}
-        h = cfg.resolution // 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
+        h = cfg.resolution // vae_downsampling(self.comps.vae.config)
         shape = (self.run.unwrapped_unet().config.in_channels, h, h)
         unet = self.run.unwrapped_unet()
         was_training = unet.training

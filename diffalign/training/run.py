@@ -23,6 +23,7 @@ from ..errors import TrainingError
 from ..models import lora as lora_lib
 from ..models import pipeline as mp
 from ..objectives.registry import ObjectiveSpec
+from ..preflight import check_resolution
 from . import environment
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -87,6 +88,7 @@ def setup_run(cfg, spec: ObjectiveSpec, project_name: str = "diffalign") -> Run:
     )
     set_seed(cfg.seed)
     comps = mp.load_components(cfg.pretrained_model, cfg.revision, cfg.variant)
+    check_resolution(cfg.resolution, cfg.pretrained_model, comps.vae.config)  # hub ids: after loading
     weight_dtype = DTYPES.get(acc.mixed_precision, torch.float32)
     for m in comps.frozen_modules():
         m.to(acc.device)
