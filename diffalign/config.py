@@ -549,11 +549,13 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
         unknown = sorted(set(data) - names - method_names)
     if unknown:
         raise _unknown_field_error(source, unknown, names | method_names, data.get("objective"))
-    if params_cls is not None:
-        data["params"] = params_cls(**{k: data.pop(k) for k in list(data) if k in method_names})
     try:
+        if params_cls is not None:
+            data["params"] = params_cls(**{k: data.pop(k) for k in list(data) if k in method_names})
         return cls(**data)
-    except TypeError as err:  # e.g. a YAML list where a number belongs
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a YAML list where a number belongs; a __post_init__ ValueError
         raise ConfigError(f"{source}: {err}") from err
 
 

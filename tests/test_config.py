@@ -119,3 +119,21 @@ def test_resolution_must_be_a_multiple_of_the_vae_downsampling(tmp_path):
     check_resolution(32, "sandbox-4step")
     with pytest.raises(ConfigError, match="multiple of 4"):
         check_resolution(30, "sandbox-4step")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--num_prompts", "0"], "config: num_prompts must be >= 1 (or left out for all), got 0"),
+        (["--min_supported_share", "2"], "config: min_supported_share must be in [0, 1], got 2.0"),
+    ],
+)
+def test_a_check_of_a_benchmark_config_is_a_config_error(argv, expected):
+    """A settings dataclass whose ``__post_init__`` raises ValueError reaches people as a ConfigError (one line, no
+    traceback), like the training configs' own checks."""
+    from diffalign.errors import ConfigError
+    from diffalign.eval.benchmark_pickapic import PickapicBenchmarkConfig
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(PickapicBenchmarkConfig, argv)
+    assert str(err.value) == expected

@@ -100,6 +100,24 @@ def test_bad_subject_flag_is_one_line(tmp_path):
         )
 
 
+def test_a_mistyped_training_flag_is_refused_before_the_base_model_draws(tmp_path, monkeypatch):
+    """The training flags are parsed before the slow part (loading the base, drawing each subject's images): a typo
+    fails at once instead of after the first subject's pairs are built."""
+    from diffalign.errors import ConfigError
+    from diffalign.eval import benchmark_models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base pipeline was loaded before the flags were checked")
+
+    monkeypatch.setattr(benchmark_models, "load_base_pipeline", refuse)
+    with pytest.raises(ConfigError, match="'learning_rte' is not a field"):
+        _script("train_subjects").main(["--learning_rte", "1e-4", "--subject_output_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="subject_select_every must be >= 0, got -1"):
+        _script("train_subjects").main(
+            ["--subject_select_every", "-1", "--subject_output_dir", str(tmp_path)]
+        )
+
+
 def test_non_subject_objective_is_refused(tmp_path):
     from diffalign.errors import ConfigError
 

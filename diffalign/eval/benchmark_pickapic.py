@@ -92,6 +92,8 @@ class PickapicBenchmarkConfig(SamplingConfig):
     def __post_init__(self) -> None:
         if self.images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be >= 1, got {self.images_per_prompt}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 (or left out for all), got {self.num_prompts}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not 0.0 <= self.min_supported_share <= 1.0:

@@ -162,6 +162,10 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
     yaml_path = out / "train_config.yaml"
     yaml_path.write_text(yaml.safe_dump(train_yaml, sort_keys=False))
 
+    # the training flags are parsed (and a mistyped one refused) before the base model draws any image
+    _max_steps(_train_argv(yaml_path, train_argv, out / "runs" / "<subject>"))
+    if cfg.select_every < 0:
+        raise ConfigError(f"subject_select_every must be >= 0, got {cfg.select_every}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_base_pipeline(base, device)
     clip = ClipEmbedder.load(cfg.clip or ("sandbox-clip" if base == "sandbox" else "clip-vit-l14"), device)
@@ -217,23 +221,9 @@ def _train(
     for stale in (run_dir, s_dir / "candidates"):
         if stale.exists():
             shutil.rmtree(stale)
-    argv = [
-        "--config",
-        str(yaml_path),
-        *train_argv,
-        "--dataset",
-        str(s_dir / "pairs"),
-        "--output_dir",
-        str(run_dir),
-        "--use_cache",
-        "false",
-        "--skip_eval",
-        "true",
-    ]
+    argv = _train_argv(yaml_path, train_argv, s_dir)
     total = _max_steps(argv)
     every = cfg.select_every or total
-    if every <= 0:
-        raise ConfigError(f"subject_select_every must be >= 0, got {cfg.select_every}")
     stops = list(range(every, total + 1, every))
     if not stops or stops[-1] != total:
         stops.append(total)
@@ -287,6 +277,24 @@ def _evaluate(
         )
         out[s.name] = {"win_rate": w, "eval_json": str(s / "eval.json")}
     return out
+
+
+def _train_argv(yaml_path: Path, train_argv: list[str], s_dir: Path) -> list[str]:
+    """The training command line of one subject: its pairs, its run directory, no latent cache, no final evaluation
+    (the driver selects and evaluates)."""
+    return [
+        "--config",
+        str(yaml_path),
+        *train_argv,
+        "--dataset",
+        str(s_dir / "pairs"),
+        "--output_dir",
+        str(s_dir / "run"),
+        "--use_cache",
+        "false",
+        "--skip_eval",
+        "true",
+    ]
 
 
 def _max_steps(argv: list[str]) -> int:
