@@ -17,6 +17,26 @@ from .config import OnlineConfig, parse_config
 from .errors import ConfigError, TrainingError
 
 
+def at_least(minimum: int):
+    """An argparse ``type`` for a whole number >= ``minimum`` (counts of steps, epochs, seeds, processes): a 0 or a
+    negative count is refused by the parser in one line instead of failing later (a division by zero, an empty run).
+    """
+
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
 def objective_recipe(argv: list[str], default_config: Path, loop: str | None = None) -> Path:
     """The recipe a run without ``--config`` starts from: ``sandbox_<objective>.yaml`` beside ``default_config`` when
     ``--objective`` names one whose method runs on ``loop`` (the script's: ``--objective pso_online`` must not inherit

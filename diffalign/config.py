@@ -555,8 +555,10 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
         return cls(**data)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as err:  # a YAML list where a number belongs; a __post_init__ ValueError
+    except TypeError as err:  # e.g. a YAML list where a number belongs
         raise ConfigError(f"{source}: {err}") from err
+    except ValueError as err:  # a __post_init__ check; its message names the field
+        raise ConfigError(str(err) if source == "config" else f"{source}: {err}") from err
 
 
 def build_parser(

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from diffalign.cli import at_least  # noqa: E402
+
 CONFIGS = {"prdp": REPO / "configs" / "sandbox_prdp.yaml", "ddpo": REPO / "configs" / "sandbox_ddpo.yaml"}
 
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--objectives", nargs="+", default=["prdp", "ddpo"], choices=sorted(CONFIGS))
     p.add_argument(
-        "--epochs", type=int, default=4, help="timed epochs per objective (after one warm-up epoch)"
+        "--epochs", type=at_least(1), default=4, help="timed epochs per objective (after one warm-up epoch)"
     )
     p.add_argument("--output", default="benchmark_online.json", help="JSON file to write")
     args, extra = p.parse_known_args(argv)

@@ -47,6 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from diffalign.cli import at_least  # noqa: E402
+
 
 def build_sd_like(path: Path, width: float, seed: int = 0) -> None:
     """SD1.5-shaped pipeline with channels scaled by ``width`` (width 1.0 = SD1.5's sizes)."""
@@ -160,14 +162,18 @@ def public_cmd(args, model: str, data: str, out: Path) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sandbox", choices=["sandbox", "sd15-shaped"])
-    p.add_argument("--resolution", type=int, default=None, help="image size (sandbox: 32; sd15-shaped: 256)")
+    p.add_argument(
+        "--resolution", type=at_least(1), default=None, help="image size (sandbox: 32; sd15-shaped: 256)"
+    )
     p.add_argument("--width", type=float, default=0.25, help="sd15-shaped: channel multiplier (1.0 = SD1.5)")
-    p.add_argument("--pairs", type=int, default=256, help="sd15-shaped: synthetic pairs")
-    p.add_argument("--batch", type=int, default=32, help="pairs per step")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
-    p.add_argument("--rank", type=int, default=32, help="LoRA rank (targets: the attention projections)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of every setting")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--pairs", type=at_least(1), default=256, help="sd15-shaped: synthetic pairs")
+    p.add_argument("--batch", type=at_least(1), default=32, help="pairs per step")
+    p.add_argument("--steps", type=at_least(1), default=50, help="optimizer steps per run")
+    p.add_argument(
+        "--rank", type=at_least(1), default=32, help="LoRA rank (targets: the attention projections)"
+    )
+    p.add_argument("--repeats", type=at_least(1), default=3, help="alternating runs of every setting")
+    p.add_argument("--threads", type=at_least(1), default=1, help="OMP_NUM_THREADS of every run")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--reference_script", default=None, help="diffusers' research train_diffusion_dpo.py")
     p.add_argument(
@@ -180,7 +186,9 @@ def main() -> None:
         choices=["caches", "methods"],
         help="caches: DPO with and without diffalign's caches (and the public script); methods: DPO vs InPO variants",
     )
-    p.add_argument("--max_train_samples", type=int, default=None, help="train on the first N pairs only")
+    p.add_argument(
+        "--max_train_samples", type=at_least(1), default=None, help="train on the first N pairs only"
+    )
     args = p.parse_args()
     args.resolution = args.resolution or (32 if args.model == "sandbox" else 256)
 

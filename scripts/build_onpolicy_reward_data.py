@@ -26,20 +26,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffalign.cli import at_least  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="outputs/onpolicy-pairs")
     p.add_argument(
-        "--num_prompts", type=int, default=3000, help="prompts (one pair each), test split included"
+        "--num_prompts", type=at_least(1), default=3000, help="prompts (one pair each), test split included"
     )
-    p.add_argument("--test_prompts", type=int, default=300)
+    p.add_argument("--test_prompts", type=at_least(1), default=300)
     p.add_argument(
         "--seed", type=int, default=0, help="the training pool's seed (configs/sandbox_prdp.yaml: 0)"
     )
-    p.add_argument("--pool_size", type=int, default=10000)
-    p.add_argument("--eval_prompts", type=int, default=1000, help="held-out evaluation captions to exclude")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--pool_size", type=at_least(1), default=10000)
+    p.add_argument(
+        "--eval_prompts", type=at_least(0), default=1000, help="held-out evaluation captions to exclude"
+    )
+    p.add_argument("--batch_size", type=at_least(1), default=64)
     args = p.parse_args(argv)
 
     import numpy as np

@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from diffalign.cli import at_least  # noqa: E402
 from diffalign.data.ppd import build_ppd_data  # noqa: E402
 from diffalign.sandbox import SANDBOX_DATA  # noqa: E402
 
@@ -43,12 +44,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="seed of user assignment, label draws, context and prompts"
     )
     p.add_argument(
-        "--users-per-pair", type=int, default=2, help="train users labelling each train pair (default 2)"
+        "--users-per-pair",
+        type=at_least(1),
+        default=2,
+        help="train users labelling each train pair (default 2)",
     )
-    p.add_argument("--context-pairs", type=int, default=8, help="context pairs per unseen user (default 8)")
-    p.add_argument("--test-prompts", type=int, default=8, help="test captions per unseen user (default 8)")
     p.add_argument(
-        "--max-source-pairs", type=int, default=None, help="read only the first N rows of each source split"
+        "--context-pairs", type=at_least(1), default=8, help="context pairs per unseen user (default 8)"
+    )
+    p.add_argument(
+        "--test-prompts", type=at_least(1), default=8, help="test captions per unseen user (default 8)"
+    )
+    p.add_argument(
+        "--max-source-pairs",
+        type=at_least(1),
+        default=None,
+        help="read only the first N rows of each source split",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)

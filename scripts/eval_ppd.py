@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from diffalign.cli import at_least  # noqa: E402
+
 DEFAULT_RUN = REPO / "outputs" / "ppd-sandbox"  # configs/sandbox_ppd.yaml's output_dir
 
 
@@ -50,21 +52,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           help="a PPD build directory or name ('sandbox-ppd', 'sandbox-ppd-6u'; default: the run's dataset from its "
           "config.json when that is a PPD build, else 'sandbox-ppd')")  # fmt: skip
     _flag(p, "against", default=None, help="a generic run (its lora/) to compare the personalised model with")
-    _flag(p, "k", type=int, default=4, help="context pairs per user for its embedding (default 4)")
+    _flag(p, "k", type=at_least(1), default=4, help="context pairs per user for its embedding (default 4)")
     _flag(p, "context_split", default=None,
           help="split the unseen users' context pairs come from: 'context' or 'questionnaire' (default: the run's "
           "user_context_split from its config.json, else 'context')")  # fmt: skip
     _flag(p, "seeds", type=int, nargs="+", default=[0], help="sampling seeds per prompt (default 0)")
-    _flag(p, "steps", type=int, default=20, help="sampling steps (default 20)")
+    _flag(p, "steps", type=at_least(1), default=20, help="sampling steps (default 20)")
     _flag(p, "guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     _flag(p, "user_scale", type=float, default=None,
           help="scale of the user attention branch (default: the run's user_scale from its config.json, else 1.0)")  # fmt: skip
-    _flag(p, "num_users", type=int, default=None, help="the first N unseen users (default all)")
-    _flag(p, "num_prompts", type=int, default=None, help="the first N test captions per user (default all)")
-    _flag(p, "batch_size", type=int, default=64, help="images per pipeline call (default 64)")
+    _flag(p, "num_users", type=at_least(1), default=None, help="the first N unseen users (default all)")
+    _flag(
+        p,
+        "num_prompts",
+        type=at_least(1),
+        default=None,
+        help="the first N test captions per user (default all)",
+    )
+    _flag(p, "batch_size", type=at_least(1), default=64, help="images per pipeline call (default 64)")
     _flag(p, "output_dir", default=None, help="default <run_dir>/personal_eval")
     _flag(p, "interpolate", type=int, nargs=2, default=None, metavar=("A", "B"), help="two unseen user ids")
-    _flag(p, "interpolate_pairs", type=int, default=0, metavar="N",
+    _flag(p, "interpolate_pairs", type=at_least(0), default=0, metavar="N",
           help="interpolation study over N pairs of unseen users who answered every question the other way "
           "(questionnaire runs; mean score changes: diffalign/eval/personal_interpolation.py); 0: off")  # fmt: skip
     _flag(p, "device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")

@@ -40,6 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffalign.cli import at_least  # noqa: E402
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sandbox_prdp.yaml"
 
 
@@ -94,13 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     p.add_argument(
-        "--epochs", type=int, default=16, help="independent epochs sampled at the starting weights"
+        "--epochs", type=at_least(2), default=16, help="independent epochs sampled at the starting weights"
     )
     p.add_argument(
         "--compare_reward", default=None, help="a second reward (e.g. sandbox-judge) on the same samples"
     )
     p.add_argument(
-        "--batches", type=int, default=160, help="offline configs: micro-batches of the data loader"
+        "--batches", type=at_least(2), default=160, help="offline configs: micro-batches of the data loader"
     )
     p.add_argument("--out", default="outputs/gradient_noise.json")
     p.add_argument("-h", "--help", action="store_true")

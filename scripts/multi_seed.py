@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from diffalign.cli import at_least  # noqa: E402
 from diffalign.eval.multi_seed import (  # noqa: E402
     format_curve,
     format_summary,
@@ -59,9 +60,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--config", default=str(ROOT / "configs" / "sandbox_dpo.yaml"), help="training YAML recipe"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--parallel", type=at_least(1), default=2, help="runs at a time (default 2)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads per run (default: cores / parallel)"
+        "--threads", type=at_least(1), default=None, help="torch threads per run (default: cores / parallel)"
     )
     p.add_argument("--output_dir", default=None, help="default: outputs/multi-seed/<config name>")
     p.add_argument(

@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffalign.cli import at_least  # noqa: E402
+
 # With no runs named: the output directories of the two sandbox configs, each with the command that fills it.
 DEFAULT_RUNS = {
     "prdp": ("outputs/prdp-sandbox", "configs/sandbox_prdp.yaml"),
@@ -31,7 +33,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("--output", default="online_curves.png")
     p.add_argument(
-        "--smooth", type=int, default=10, help="moving-average window of the training reward, in epochs"
+        "--smooth",
+        type=at_least(1),
+        default=10,
+        help="moving-average window of the training reward, in epochs",
     )
     args = p.parse_args(argv)
     from diffalign.eval.plots import plot_online_curves

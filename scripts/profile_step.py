@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from diffalign.cli import at_least  # noqa: E402
+
 PARTS = ["encode", "pair_randomness", "noising", "policy_forward", "reference_forward", "loss", "backward",
          "optimizer"]  # fmt: skip
 
@@ -123,8 +125,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sandbox", choices=["sandbox", "sd15-shaped"])
     p.add_argument("--width", type=float, default=0.25, help="sd15-shaped: channel multiplier (1.0 = SD1.5)")
-    p.add_argument("--steps", type=int, default=20, help="measured steps")
-    p.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
+    p.add_argument("--steps", type=at_least(1), default=20, help="measured steps")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="steps run before measuring")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet")
     p.add_argument("--out", default="outputs/profile_step.json")
     args, rest = p.parse_known_args()

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from diffalign.cli import at_least  # noqa: E402
+
 CAPTIONS = [
     "a large red circle on the left on a white background",
     "a small blue square at the top",
@@ -32,8 +34,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sandbox", help="pipeline directory ('sandbox' = the shipped one)")
     p.add_argument("--lora", default=None, help="optional LoRA directory to load into the pipeline")
-    p.add_argument("--seeds", type=int, default=6, help="samples per caption")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=at_least(1), default=6, help="samples per caption")
+    p.add_argument("--steps", type=at_least(1), default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--out", default="docs/img/sandbox_samples.png")
     args = p.parse_args()

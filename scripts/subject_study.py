@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffalign.cli import at_least  # noqa: E402
+
 METRICS = ("dino", "clip_i", "clip_t", "harmonic", "judge_context", "subject_match")
 LABELS = {
     "dino": "DINO*",
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--subjects", nargs="*", default=None, help="subject names (default: all)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    ap.add_argument("--jobs", type=int, default=2, help="processes at a time (one thread each)")
+    ap.add_argument("--jobs", type=at_least(1), default=2, help="processes at a time (one thread each)")
     ap.add_argument("--methods", nargs="+", default=["dreambooth", "rpo"], choices=["dreambooth", "rpo"])
     ap.add_argument("--output_dir", default="outputs/subject-study")
     ap.add_argument(

@@ -124,8 +124,8 @@ def test_resolution_must_be_a_multiple_of_the_vae_downsampling(tmp_path):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--num_prompts", "0"], "config: num_prompts must be >= 1 (or left out for all), got 0"),
-        (["--min_supported_share", "2"], "config: min_supported_share must be in [0, 1], got 2.0"),
+        (["--num_prompts", "0"], "num_prompts must be >= 1 (or left out for all), got 0"),
+        (["--min_supported_share", "2"], "min_supported_share must be in [0, 1], got 2.0"),
     ],
 )
 def test_a_check_of_a_benchmark_config_is_a_config_error(argv, expected):
@@ -137,3 +137,24 @@ def test_a_check_of_a_benchmark_config_is_a_config_error(argv, expected):
     with pytest.raises(ConfigError) as err:
         parse_config(PickapicBenchmarkConfig, argv)
     assert str(err.value) == expected
+
+
+def test_count_flags_of_the_scripts_refuse_zero_and_negative_counts():
+    """``diffalign.cli.at_least`` is the argparse type of the scripts' counts (steps, epochs, processes): the parser
+    refuses a count below its minimum in one line, naming the flag, instead of a later division by zero."""
+    import argparse
+
+    from diffalign.cli import at_least
+
+    p = argparse.ArgumentParser(prog="script.py", exit_on_error=False)
+    p.add_argument("--steps", type=at_least(1), default=20)
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    assert p.parse_args(["--steps", "5", "--warmup", "0"]) == argparse.Namespace(steps=5, warmup=0)
+    for argv, message in [
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--warmup", "-2"], "argument --warmup: must be >= 0, got -2"),
+        (["--steps", "2.5"], "argument --steps: expects a whole number, got '2.5'"),
+    ]:
+        with pytest.raises(argparse.ArgumentError) as err:
+            p.parse_args(argv)
+        assert str(err.value) == message
