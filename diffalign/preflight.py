@@ -6,7 +6,8 @@
   the columns pairs need, and the final evaluation's ``eval_split`` exists (it would otherwise fail only after the
   whole training);
 - :func:`check_reward`: a reward is a catalog name or a manifest file;
-- :func:`check_resolution`: ``resolution`` is a multiple of the pipeline's VAE downsampling factor.
+- :func:`check_resolution`: ``resolution`` is a multiple of the pipeline's VAE downsampling factor;
+- :func:`check_hub_model_cached`: offline (``HF_HUB_OFFLINE=1``), a hub model id is already in the local cache.
 
 Each raises :class:`~diffalign.errors.ConfigError` (or its subclass ``SchemaError``) with one line naming the field,
 file or split and what to do; the scripts print it as such.
@@ -49,6 +50,9 @@ def check_paths(cfg: Any) -> None:
                 f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); check the path"
             )
     check_resolution(cfg.resolution, cfg.pretrained_model)
+    model = cfg.pretrained_model
+    if model not in NAMED_MODELS and not looks_local(model) and not Path(model).exists():
+        check_hub_model_cached(model, getattr(cfg, "revision", None))
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest" and not Path(resume).is_dir():
         raise ConfigError(
@@ -155,3 +159,19 @@ def check_resolution(
             f"config field resolution={resolution} is not a multiple of {factor}, the downsampling factor of the VAE "
             f"of {pretrained_model!r}: give a multiple of {factor}, e.g. {below} or {below + factor}"
         )
+
+
+def check_hub_model_cached(repo_id: str, revision: str | None = None) -> None:
+    """With ``HF_HUB_OFFLINE=1`` a hub pipeline id can only load from the local Hugging Face cache: refuse one that is
+    not there now, rather than after the libraries have loaded. Online, nothing is checked (it may download)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json", revision=revision), str):
+        return
+    raise ConfigError(
+        f"config field pretrained_model={repo_id!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        f"HF_HUB_OFFLINE=1 forbids downloading it: download it where there is network (`hf download {repo_id}`) "
+        "or point pretrained_model at a local pipeline directory"
+    )

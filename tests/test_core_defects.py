@@ -268,6 +268,10 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny, tmp_path):
             "pretrained_model='./no/such/model': no such local directory",
         ),
         (["--output_dir", "README.md"], "output_dir='README.md' is a file"),
+        (  # the tests run with HF_HUB_OFFLINE=1
+            ["--pretrained_model", "nobody/no-such-pipeline"],
+            "pretrained_model='nobody/no-such-pipeline': not in the Hugging Face cache",
+        ),
         (
             ["--resolution", "33"],
             "resolution=33 is not a multiple of 4, the downsampling factor of the VAE of 'sandbox': give a multiple "
@@ -291,6 +295,17 @@ def test_config_mistakes_are_one_line_before_loading(extra, expected):
     )
     imported = {x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")}
     assert "torch" not in imported and "diffusers" not in imported  # nothing heavy was loaded
+
+
+def test_a_directory_that_is_not_a_pipeline_is_one_line(tmp_path):
+    """A local directory without a pipeline's parts fails where the components load, in one line naming the field."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model", str(tmp_path), "--output_dir",
+                           str(tmp_path / "out")], env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("configuration error: config field pretrained_model: could not load the pipeline "
+                           f"components from {str(tmp_path)!r}"), proc.stderr[-2000:]  # fmt: skip
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_local_dataset_lacking_a_column_or_the_split_is_one_line_before_loading(tmp_path):

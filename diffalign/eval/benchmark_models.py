@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import _help
+from ..errors import ConfigError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -134,7 +135,7 @@ def load_base_pipeline(base: str, device: str | torch.device = "cpu", dtype: tor
     try:
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
     except OSError as err:
-        raise OSError(
+        raise ConfigError(
             f"could not load the base pipeline {path!r} ({err}); give 'sandbox' or a diffusers pipeline directory"
         ) from err
     pipe.set_progress_bar_config(disable=True)

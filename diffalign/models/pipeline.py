@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..errors import ConfigError
 from ..sandbox import SANDBOX_PIPELINE
 
 
@@ -96,8 +97,8 @@ def load_components(model: str, revision: str | None = None, variant: str | None
                 CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
             )
     except OSError as err:
-        raise OSError(
-            f"could not load the pipeline components from {path!r} ({err}). Point `pretrained_model` at a diffusers "
+        raise ConfigError(
+            f"config field pretrained_model: could not load the pipeline components from {path!r} ({err}). Point `pretrained_model` at a diffusers "
             "pipeline directory (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or use "
             "'sandbox'. Without network access hub ids only work if the model is already in the HF cache."
         ) from err
