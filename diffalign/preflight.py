@@ -6,6 +6,8 @@
   the columns pairs need, and the final evaluation's ``eval_split`` exists (it would otherwise fail only after the
   whole training);
 - :func:`check_reward`: a reward is a catalog name or a manifest file;
+- :func:`check_reward_weights`: the weight files of the rewards a run will load are on disk (the final
+  evaluation's reward would otherwise fail after the whole training, before the export);
 - :func:`check_resolution`: ``resolution`` is a multiple of the pipeline's VAE downsampling factor;
 - :func:`check_hub_model_cached`: offline (``HF_HUB_OFFLINE=1``), a hub model id is already in the local cache.
 
@@ -50,6 +52,10 @@ def check_paths(cfg: Any) -> None:
                 f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); check the path"
             )
     check_resolution(cfg.resolution, cfg.pretrained_model)
+    if not cfg.skip_eval:
+        check_reward_weights("eval_reward", cfg.eval_reward)
+    if getattr(cfg, "reward", None):  # the online loop's training reward
+        check_reward_weights("reward", cfg.reward)
     model = cfg.pretrained_model
     if model not in NAMED_MODELS and not looks_local(model) and not Path(model).exists():
         check_hub_model_cached(model, getattr(cfg, "revision", None))
@@ -73,6 +79,8 @@ def check_training_data(cfg: Any) -> None:
     from .objectives.registry import get_objective
 
     personal = get_objective(cfg.objective).conditioning == "user"
+    if personal:
+        check_user_encoder(cfg.params.user_encoder)
     ppd_build = cfg.dataset in PPD_DATASETS or (Path(cfg.dataset) / "users.json").is_file()
     if personal and not cfg.skip_eval and not ppd_build:
         raise ConfigError(
@@ -116,6 +124,106 @@ def reward_manifest(name_or_path: str | os.PathLike, catalog_dir: str | os.PathL
         f"unknown reward {str(name_or_path)!r}: not a manifest file and not in the catalog {catalog_dir}; "
         f"valid names: {', '.join(reward_names(catalog_dir))}"
     )
+
+
+WEIGHTS_ENV = "DIFFALIGN_REWARD_WEIGHTS"
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A manifest's weight file or directory is not on disk (diffalign never downloads it)."""
+
+
+def weight_search_dirs(manifest: dict[str, Any], weights_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders a relative weight path is looked up in, in order: ``weights_dir``, each entry of
+    ``$DIFFALIGN_REWARD_WEIGHTS``, the manifest's own folder."""
+    dirs = [Path(weights_dir)] if weights_dir is not None else []
+    dirs += [Path(d) for d in os.environ.get(WEIGHTS_ENV, "").split(os.pathsep) if d]
+    dirs.append(Path(manifest["_path"]).parent)
+    return dirs
+
+
+def resolve_weights(
+    manifest: dict[str, Any], weights_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """Absolute path of every weight entry; :class:`MissingWeightsError` for the first one not found."""
+    resolved = {}
+    for key, entry in manifest["weights"].items():
+        rel = Path(os.path.expanduser(str(entry["path"])))
+        candidates = (
+            [rel] if rel.is_absolute() else [d / rel for d in weight_search_dirs(manifest, weights_dir)]
+        )
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            tried = "\n  ".join(str(c) for c in candidates)
+            get = f"\nHow: {entry['get']}" if entry.get("get") else ""
+            raise MissingWeightsError(
+                f"reward {manifest['name']!r}: weights '{key}' ({entry['path']}) not found. Tried:\n  {tried}\n"
+                f"Get it from: {entry['source']}{get}\n"
+                f"Put it at {candidates[-1]} (or under a folder given as weights_dir= / ${WEIGHTS_ENV}). "
+                "diffalign never downloads weights."
+            )
+        resolved[key] = found
+    return resolved
+
+
+def reward_spec_names(spec: str) -> list[str]:
+    """The reward names of a config value: one name, or a weighted sum ``'name:weight,name:weight'``."""
+    return [part.partition(":")[0].strip() for part in spec.split(",") if part.strip()]
+
+
+def check_reward_weights(field_name: str, spec: str) -> None:
+    """The weight files of every reward ``spec`` names are on disk, components of a ``combined`` manifest included;
+    raises :class:`MissingWeightsError` (prefixed by the field) for the first missing one. A malformed manifest is
+    passed over here: loading it says what is wrong."""
+    import yaml
+
+    pending = [reward_manifest(name) for name in reward_spec_names(spec or "")]
+    seen: set[Path] = set()
+    while pending:
+        path = pending.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            continue
+        if data.get("kind") == "combined":
+            components = (data.get("params") or {}).get("components") or []
+            pending += [
+                reward_manifest(c["reward"]) for c in components if isinstance(c, dict) and "reward" in c
+            ]
+            continue
+        weights = data.get("weights") or {}
+        if not isinstance(weights, dict) or not all(
+            isinstance(w, dict) and "path" in w for w in weights.values()
+        ):
+            continue
+        manifest = {"name": data.get("name", path.stem), "weights": weights, "_path": path}
+        try:
+            resolve_weights(manifest)
+        except MissingWeightsError as err:
+            raise MissingWeightsError(f"config field {field_name}: {err}") from None
+
+
+def check_user_encoder(name: str) -> None:
+    """PPD's frozen pair encoder is on disk: ``vlm:<directory>``, a CLIP directory, or a CLIP reward of the catalog
+    (a name or manifest) with its weights; ``sandbox-attributes`` is built in."""
+    if name == "sandbox-attributes" or Path(os.path.expanduser(name)).is_dir():
+        return
+    if name.startswith("vlm:"):
+        if not Path(os.path.expanduser(name[4:])).is_dir():
+            raise ConfigError(
+                f"config field user_encoder={name!r}: no such directory {name[4:]!r}; diffalign never downloads "
+                "weights: download the model (e.g. `hf download <hub id> --local-dir <dir>`) and give vlm:<dir>"
+            )
+        return
+    if ("/" in name or name.startswith((".", "~"))) and Path(name).suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(
+            f"config field user_encoder={name!r}: no such directory; give a CLIP directory, a CLIP reward of the "
+            "catalog (e.g. sandbox-clip), vlm:<directory> or sandbox-attributes"
+        )
+    check_reward("user_encoder", name)
+    check_reward_weights("user_encoder", name)
 
 
 def check_reward(field_name: str, name: str) -> None:

@@ -158,3 +158,85 @@ def test_count_flags_of_the_scripts_refuse_zero_and_negative_counts():
         with pytest.raises(argparse.ArgumentError) as err:
             p.parse_args(argv)
         assert str(err.value) == message
+
+
+def _manifest(path: Path, **fields) -> Path:
+    body = {"name": path.stem, "kind": "hf_clip", "description": "-", "weights": {}, "params": {},
+            "preprocessing": "-", "output_scale": "-", "licence": "-", **fields}  # fmt: skip
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_missing_reward_weights_are_named_before_anything_loads(tmp_path, monkeypatch):
+    """The weights of the rewards a run loads (the final evaluation's, the online loop's, each component of a
+    combined manifest) are checked by the configuration check: a missing one used to stop a run after its training,
+    before its export."""
+    from diffalign.preflight import MissingWeightsError, check_reward_weights
+
+    monkeypatch.delenv("DIFFALIGN_REWARD_WEIGHTS", raising=False)
+    weights = {"model": {"path": "weights/m", "source": "somewhere", "get": "fetch m"}}
+    one = _manifest(tmp_path / "one.yaml", weights=weights)
+    two = _manifest(tmp_path / "two.yaml")  # no weights
+    both = _manifest(tmp_path / "both.yaml", kind="combined", params={
+        "components": [{"reward": str(two), "weight": 1.0}, {"reward": str(one), "weight": 2.0}]})  # fmt: skip
+    check_reward_weights("eval_reward", str(two))
+    for spec in (str(one), str(both), f"{two}:1,{one}:0.5"):
+        with pytest.raises(MissingWeightsError) as err:
+            check_reward_weights("reward", spec)
+        assert str(err.value).startswith(
+            "config field reward: reward 'one': weights 'model' (weights/m) not found"
+        )
+        assert "fetch m" in str(err.value)
+    (tmp_path / "weights" / "m").mkdir(parents=True)
+    for spec in (str(one), str(both), f"{two}:1,{one}:0.5"):
+        check_reward_weights("reward", spec)
+    monkeypatch.setenv("DIFFALIGN_REWARD_WEIGHTS", str(tmp_path / "elsewhere"))
+    check_reward_weights("reward", str(one))  # the manifest's own folder is still searched
+
+
+def test_a_run_whose_evaluation_reward_lacks_weights_stops_before_loading(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    weights = {"model": {"path": "weights/absent", "source": "nowhere"}}
+    manifest = _manifest(tmp_path / "absent.yaml", weights=weights)
+    argv = [sys.executable, "-X", "importtime", str(repo / "scripts" / "train_diffusion_dpo.py"), "--eval_reward",
+            str(manifest), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=repo)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("import time:")]
+    assert lines[0] == (
+        "configuration error: config field eval_reward: reward 'absent': weights 'model' (weights/absent) not found. "
+        "Tried:"
+    )
+    imported = {x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")}
+    assert "torch" not in imported and not (tmp_path / "out").exists()
+    from diffalign.config import TrainConfig
+
+    skipping = ["--eval_reward", str(manifest), "--skip_eval", "true", "--output_dir", str(tmp_path / "out")]
+    parse_config(TrainConfig, skipping).check_paths()  # no final evaluation: its reward is not loaded
+
+
+def test_the_ppd_pair_encoder_is_checked_before_loading(tmp_path, monkeypatch):
+    """``user_encoder`` names something on disk (a VLM or CLIP directory, a CLIP reward with its weights) or the
+    built-in stand-in; anything else is one line before any model loads, not after the pipeline and data."""
+    from diffalign.errors import ConfigError
+    from diffalign.preflight import MissingWeightsError, check_user_encoder
+
+    monkeypatch.delenv("DIFFALIGN_REWARD_WEIGHTS", raising=False)
+    for ok in ("sandbox-attributes", "sandbox-clip", str(tmp_path), f"vlm:{tmp_path}"):
+        check_user_encoder(ok)
+    with pytest.raises(ConfigError, match=r"user_encoder='vlm:/no/such': no such directory '/no/such'"):
+        check_user_encoder("vlm:/no/such")
+    with pytest.raises(
+        ConfigError, match=r"user_encoder='/no/such': no such directory; give a CLIP directory"
+    ):
+        check_user_encoder("/no/such")
+    with pytest.raises(ConfigError, match="config field user_encoder: unknown reward 'no-such-clip'"):
+        check_user_encoder("no-such-clip")
+    weights = {"model": {"path": "weights/clip", "source": "somewhere"}}
+    with pytest.raises(
+        MissingWeightsError, match="config field user_encoder: reward 'clip': weights 'model'"
+    ):
+        check_user_encoder(str(_manifest(tmp_path / "clip.yaml", weights=weights)))

@@ -32,12 +32,19 @@ from typing import Any
 import torch
 import yaml
 
-from diffalign.preflight import reward_manifest, reward_names
+# the manifest and weight rules live with the configuration check, which must not import torch; re-exported here
+from diffalign.preflight import (  # noqa: F401
+    WEIGHTS_ENV,
+    MissingWeightsError,
+    resolve_weights,
+    reward_manifest,
+    reward_names,
+    weight_search_dirs,
+)
 from diffalign.rewards.base import Reward
 from diffalign.sandbox import REWARD_MODELS_DIR
 
 CATALOG_DIR = REWARD_MODELS_DIR  # reward_models/ of the checkout, or its copy inside an installed wheel
-WEIGHTS_ENV = "DIFFALIGN_REWARD_WEIGHTS"
 REQUIRED_FIELDS = (
     "name",
     "kind",
@@ -48,10 +55,6 @@ REQUIRED_FIELDS = (
     "output_scale",
     "licence",
 )
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A manifest's weight file or directory is not on disk (diffalign never downloads it)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,38 +95,6 @@ def load_manifest(
     data["params"] = data["params"] or {}
     data["_path"] = path
     return data
-
-
-def weight_search_dirs(manifest: dict[str, Any], weights_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Folders a relative weight path is looked up in, in order (see the module docstring)."""
-    dirs = [Path(weights_dir)] if weights_dir is not None else []
-    dirs += [Path(d) for d in os.environ.get(WEIGHTS_ENV, "").split(os.pathsep) if d]
-    dirs.append(Path(manifest["_path"]).parent)
-    return dirs
-
-
-def resolve_weights(
-    manifest: dict[str, Any], weights_dir: str | os.PathLike | None = None
-) -> dict[str, Path]:
-    """Absolute path of every weight entry; :class:`MissingWeightsError` for the first one not found."""
-    resolved = {}
-    for key, entry in manifest["weights"].items():
-        rel = Path(os.path.expanduser(str(entry["path"])))
-        candidates = (
-            [rel] if rel.is_absolute() else [d / rel for d in weight_search_dirs(manifest, weights_dir)]
-        )
-        found = next((c for c in candidates if c.exists()), None)
-        if found is None:
-            tried = "\n  ".join(str(c) for c in candidates)
-            get = f"\nHow: {entry['get']}" if entry.get("get") else ""
-            raise MissingWeightsError(
-                f"reward {manifest['name']!r}: weights '{key}' ({entry['path']}) not found. Tried:\n  {tried}\n"
-                f"Get it from: {entry['source']}{get}\n"
-                f"Put it at {candidates[-1]} (or under a folder given as weights_dir= / ${WEIGHTS_ENV}). "
-                "diffalign never downloads weights."
-            )
-        resolved[key] = found
-    return resolved
 
 
 # ---------------------------------------------------------------------------------------------------------------
