@@ -112,6 +112,18 @@ def test_a_mistyped_training_flag_is_refused_before_the_base_model_draws(tmp_pat
     monkeypatch.setattr(benchmark_models, "load_base_pipeline", refuse)
     with pytest.raises(ConfigError, match="'learning_rte' is not a field"):
         _script("train_subjects").main(["--learning_rte", "1e-4", "--subject_output_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="config field subject_clip: unknown reward 'no-such-clip'"):
+        _script("train_subjects").main(
+            ["--subject_clip", "no-such-clip", "--subject_output_dir", str(tmp_path)]
+        )
+    weights = {"model": {"path": "weights/absent", "source": "nowhere"}}
+    manifest = tmp_path / "absent-dino.yaml"
+    manifest.write_text(json.dumps({"name": "absent-dino", "kind": "image_features", "weights": weights}))
+    argv = ["--subject_dino", str(manifest), "--subject_output_dir", str(tmp_path)]
+    with pytest.raises(
+        FileNotFoundError, match="config field subject_dino: reward 'absent-dino': weights 'model'"
+    ):
+        _script("train_subjects").main(argv)
     with pytest.raises(ConfigError, match="subject_select_every must be >= 0, got -1"):
         _script("train_subjects").main(
             ["--subject_select_every", "-1", "--subject_output_dir", str(tmp_path)]

@@ -166,6 +166,7 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
     _max_steps(_train_argv(yaml_path, train_argv, out / "runs" / "<subject>"))
     if cfg.select_every < 0:
         raise ConfigError(f"subject_select_every must be >= 0, got {cfg.select_every}")
+    _check_backbones(cfg, base)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_base_pipeline(base, device)
     clip = ClipEmbedder.load(cfg.clip or ("sandbox-clip" if base == "sandbox" else "clip-vit-l14"), device)
@@ -277,6 +278,22 @@ def _evaluate(
         )
         out[s.name] = {"win_rate": w, "eval_json": str(s / "eval.json")}
     return out
+
+
+def _check_backbones(cfg: SubjectRunConfig, base: str) -> None:
+    """The CLIP of labels and selection and, when the run ends with the DreamBench protocol, its DINO are on disk
+    (a directory, or a catalog name whose weights are there): a missing one is named before the first subject
+    trains, not after the last."""
+    from ..preflight import check_reward, check_reward_weights
+
+    sandbox = base == "sandbox"
+    names = {"subject_clip": cfg.clip or ("sandbox-clip" if sandbox else "clip-vit-l14")}
+    if cfg.eval:
+        names["subject_dino"] = cfg.dino or ("sandbox-dino-standin" if sandbox else "dino-vits16")
+    for field_name, name in names.items():
+        if not Path(name).expanduser().is_dir():
+            check_reward(field_name, name)
+            check_reward_weights(field_name, name)
 
 
 def _train_argv(yaml_path: Path, train_argv: list[str], s_dir: Path) -> list[str]:
