@@ -9,7 +9,9 @@
 - :func:`check_reward_weights`: the weight files of the rewards a run will load are on disk (the final
   evaluation's reward would otherwise fail after the whole training, before the export);
 - :func:`check_resolution`: ``resolution`` is a multiple of the pipeline's VAE downsampling factor;
-- :func:`check_hub_model_cached`: offline (``HF_HUB_OFFLINE=1``), a hub model id is already in the local cache.
+- :func:`check_hub_model_cached`: offline (``HF_HUB_OFFLINE=1``), a hub model id is already in the local cache;
+- :func:`check_optional_packages`: the package behind an optional setting (8-bit AdamW, xformers, a tracker) is
+  installed.
 
 Each raises :class:`~diffalign.errors.ConfigError` (or its subclass ``SchemaError``) with one line naming the field,
 file or split and what to do; the scripts print it as such.
@@ -52,6 +54,7 @@ def check_paths(cfg: Any) -> None:
                 f"config field {name}={value!r}: no such local directory (a hub id is 'owner/name'); check the path"
             )
     check_resolution(cfg.resolution, cfg.pretrained_model)
+    check_optional_packages(cfg)
     if not cfg.skip_eval:
         check_reward_weights("eval_reward", cfg.eval_reward)
     if getattr(cfg, "reward", None):  # the online loop's training reward
@@ -283,3 +286,25 @@ def check_hub_model_cached(repo_id: str, revision: str | None = None) -> None:
         f"HF_HUB_OFFLINE=1 forbids downloading it: download it where there is network (`hf download {repo_id}`) "
         "or point pretrained_model at a local pipeline directory"
     )
+
+
+#: (config field, value) -> (module that value needs, the pip extra or requirement that installs it)
+OPTIONAL_PACKAGES = {
+    ("optimizer", "adamw8bit"): ("bitsandbytes", "pip install 'diffalign[bnb]'"),
+    ("attention", "xformers"): ("xformers", "pip install 'diffalign[xformers]' on a CUDA machine"),
+    ("report_to", "wandb"): ("wandb", "pip install 'diffalign[wandb]'"),
+    ("report_to", "tensorboard"): ("tensorboard", "pip install tensorboard"),
+}
+
+
+def check_optional_packages(cfg: Any) -> None:
+    """A setting that needs an optional package names it when it is not installed: otherwise 8-bit AdamW and xformers
+    fail after the models load, and accelerate drops a missing tracker with only a warning (the run then logs
+    nothing where it was asked to)."""
+    import importlib.util
+
+    for (name, value), (module, how) in OPTIONAL_PACKAGES.items():
+        if getattr(cfg, name, None) == value and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"config field {name}={value!r} needs the {module} package, which is not installed: {how}"
+            )

@@ -240,3 +240,32 @@ def test_the_ppd_pair_encoder_is_checked_before_loading(tmp_path, monkeypatch):
         MissingWeightsError, match="config field user_encoder: reward 'clip': weights 'model'"
     ):
         check_user_encoder(str(_manifest(tmp_path / "clip.yaml", weights=weights)))
+
+
+def test_a_setting_whose_package_is_missing_is_named_before_loading(monkeypatch):
+    """8-bit AdamW, xformers and the trackers need optional packages: a missing one is one line naming the field and
+    how to install it (accelerate would otherwise drop a missing tracker with a warning and log nothing)."""
+    import importlib.util
+
+    from diffalign.config import TrainConfig
+    from diffalign.errors import ConfigError
+    from diffalign.preflight import check_optional_packages
+
+    missing = {"bitsandbytes", "xformers", "wandb"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+    check_optional_packages(parse_config(TrainConfig, []))  # the defaults need nothing optional
+    for flags, message in [
+        (["--optimizer", "adamw8bit"], "optimizer='adamw8bit' needs the bitsandbytes package"),
+        (["--attention", "xformers"], "attention='xformers' needs the xformers package"),
+        (
+            ["--report_to", "wandb"],
+            "report_to='wandb' needs the wandb package, which is not installed: pip install",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_optional_packages(parse_config(TrainConfig, flags))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # all installed
+    check_optional_packages(parse_config(TrainConfig, ["--report_to", "wandb", "--attention", "xformers"]))
