@@ -36,7 +36,9 @@ def looks_local(value: str) -> bool:
 
 def check_paths(cfg: Any) -> None:
     """``output_dir`` is not a file; a local ``pretrained_model`` / ``dataset`` exists (named sandbox ones and hub ids
-    pass); a ``dataset`` glob matches a file; an explicit ``resume_from_checkpoint`` is a directory."""
+    pass); a ``dataset`` glob matches a file; ``resolution`` fits the VAE; the optional packages of the settings are
+    installed; the rewards the run loads have their weights; offline, a hub model id is cached; an explicit
+    ``resume_from_checkpoint`` is a directory."""
     from .config import NAMED_DATASETS, NAMED_MODELS
 
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
