@@ -66,7 +66,8 @@ def objective_recipe(argv: list[str], default_config: Path, loop: str | None = N
 
 def run_training(config_cls: type, trainer: str, default_config: Path, argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (when no ``--config`` is given, ``--config`` of :func:`objective_recipe` is prepended), then run
-    ``trainer`` (``"module:Class"``): ``setup()``, ``train()``, ``evaluate()`` unless ``skip_eval``, ``export()``."""
+    ``trainer`` (``"module:Class"``): ``setup()``, ``train()``, ``export()``, then ``evaluate()`` unless ``skip_eval``
+    and the model card again with its result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         loop = "online" if issubclass(config_cls, OnlineConfig) else "offline_pairs"
@@ -80,9 +81,13 @@ def run_training(config_cls: type, trainer: str, default_config: Path, argv: lis
     t = getattr(importlib.import_module(module), name)(cfg)  # heavy: torch, diffusers, accelerate
     t.setup()
     summary = t.train()
-    result = None if cfg.skip_eval else t.evaluate()
-    metrics = {"final_train": summary["history"][-1] if summary["history"] else {}, "eval": result}
+    result = None
+    metrics = {"final_train": summary["history"][-1] if summary["history"] else {}, "eval": None}
+    # the weights go out before the evaluation: an evaluation that fails (memory, a file) then loses no training
     target = t.export(metrics)
+    if not cfg.skip_eval:
+        metrics["eval"] = result = t.evaluate()
+        t.export(metrics, weights=False)  # the model card again, with the evaluation
     t.accelerator.print(
         f"done: weights in {target}, logs in {cfg.output_dir}/train_log.jsonl, model card {cfg.output_dir}/README.md"
     )

@@ -185,6 +185,30 @@ def test_nonfinite_weights_are_never_exported(tiny, tmp_path):
     trainer.end()
 
 
+def test_an_evaluation_that_fails_loses_no_training(tiny, tmp_path, monkeypatch):
+    """The weights are exported before the final evaluation runs, so an evaluation that fails (memory, a file) after
+    a run without checkpoints leaves the trained LoRA and its model card; a run that evaluates rewrites the card with
+    the result."""
+    from diffalign.cli import run_training
+    from diffalign.training.offline import OfflinePairsTrainer
+
+    def broken(self):
+        raise RuntimeError("the evaluation ran out of memory")
+
+    out, RECIPE = tmp_path / "run", REPO / "configs" / "sandbox_dpo.yaml"  # noqa: N806
+    argv = _args(tiny["sd"], tiny["data"], out, "--max_train_steps", "1", "--checkpointing_steps", "0",
+                 "--skip_eval", "false", "--eval_num_prompts", "1", "--eval_seeds", "[0]", "--eval_steps", "1",
+                 "--eval_reward", "sandbox-clip")  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(OfflinePairsTrainer, "evaluate", broken)
+        with pytest.raises(RuntimeError, match="ran out of memory"):
+            run_training(TrainConfig, "diffalign.training.offline:OfflinePairsTrainer", RECIPE, argv)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
+    assert not (out / "eval.json").exists() and '"eval": null' in (out / "README.md").read_text()
+    run_training(TrainConfig, "diffalign.training.offline:OfflinePairsTrainer", RECIPE, argv)
+    assert (out / "eval.json").is_file() and '"win_rate"' in (out / "README.md").read_text()
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
 
 

@@ -340,9 +340,9 @@ class OfflinePairsTrainer:
     def validate(self) -> Path | None:
         return outputs.validate(self.run, self.global_step)
 
-    def export(self, metrics: dict | None = None) -> Path:
-        target = outputs.export(self.run, metrics or {}, self.data.describe())
-        if self.user_conditioning is not None and self.accelerator.is_main_process:
+    def export(self, metrics: dict | None = None, *, weights: bool = True) -> Path:
+        target = outputs.export(self.run, metrics or {}, self.data.describe(), weights=weights)
+        if weights and self.user_conditioning is not None and self.accelerator.is_main_process:
             self.user_conditioning.export(self.output_dir, outputs.check_finite)
         return target
 

@@ -499,14 +499,14 @@ class OnlineTrainer:
             )
         return outputs.evaluate(self.run, prompts=self.eval_prompts, prompt_source=source)
 
-    def export(self, metrics: dict | None = None) -> Path:
+    def export(self, metrics: dict | None = None, *, weights: bool = True) -> Path:
         cfg = self.cfg
         data = {
             "prompts": self.stream.describe(),
             "samples": cfg.num_epochs * cfg.prompts_per_epoch * cfg.images_per_prompt,
             "reward": cfg.reward,
         }
-        return outputs.export(self.run, metrics or {}, data)
+        return outputs.export(self.run, metrics or {}, data, weights=weights)
 
     def pipeline(self):
         return outputs.inference_pipeline(self.run)

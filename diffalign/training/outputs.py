@@ -138,22 +138,28 @@ def save_unet(unet, target: Path, state: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
-def export(run: Run, metrics: dict, data_description: dict) -> Path:
+def export(run: Run, metrics: dict, data_description: dict, *, weights: bool = True) -> Path:
     """LoRA -> ``<out>/lora`` (stock ``load_lora_weights``); full -> ``<out>/unet`` (``save_pretrained``); plus the
-    model card. Non-finite weights are never written."""
+    model card. Non-finite weights are never written. ``weights=False`` rewrites the model card only (with the final
+    evaluation's metrics, once the weights are out)."""
     acc, cfg = run.accelerator, run.cfg
+    target = run.output_dir / ("lora" if cfg.finetune == "lora" else "unet")
+    if not weights:
+        if acc.is_main_process:
+            from .model_card import write_model_card
+
+            write_model_card(run.output_dir, cfg, data_description, metrics or {}, target)
+        return target
     acc.wait_for_everyone()
     unet = run.unwrapped_unet()
     # Collective under FSDP / ZeRO-3 (every process takes part; the main process gets the full weights);
     # the module's own state_dict would hold only this process's shard there.
     state = acc.get_state_dict(run.unet)
     if cfg.finetune == "lora":
-        target = run.output_dir / "lora"
         if acc.is_main_process:
             check_finite(lora_lib.lora_state_dict(unet, state), f"export to {target}")
             lora_lib.save_lora(target, unet, sdxl=run.comps.sdxl, state_dict=state)
     else:
-        target = run.output_dir / "unet"
         if acc.is_main_process:
             # a user branch (PPD) is exported on its own (user_attention.safetensors): the UNet stays stock-loadable
             state = {k: v for k, v in state.items() if not _is_user_module_key(k)}
