@@ -519,6 +519,16 @@ def sandbox_metrics(images: np.ndarray, prompts: list[str], subject_name: str) -
     return out
 
 
+def backbone_names(base: str, clip: str | None = None, dino: str | None = None) -> tuple[str, str]:
+    """``(CLIP, DINO)`` of the DreamBench protocol: the given ones, else the sandbox's stand-ins for the sandbox base
+    (``sandbox-clip``, ``sandbox-dino-standin``) and the paper's models otherwise (``clip-vit-l14``, ``dino-vits16``)."""
+    sandbox = base == "sandbox"
+    return (
+        clip or ("sandbox-clip" if sandbox else "clip-vit-l14"),
+        dino or ("sandbox-dino-standin" if sandbox else "dino-vits16"),
+    )
+
+
 def run_dreambench(cfg: DreamBenchConfig) -> dict:
     """Generate every subject's prompts with its model, compute DINO / CLIP-I / CLIP-T / λ-harmonic, write
     ``results.json``, ``results.md`` and ``grids/<subject>.png``; returns the results."""
@@ -540,8 +550,7 @@ def run_dreambench(cfg: DreamBenchConfig) -> dict:
         print(f"  skipped {len(data.unknown)} folder(s) without a class in the table: {data.unknown}")
 
     sandbox = cfg.base == "sandbox"
-    dino_name = cfg.dino or ("sandbox-dino-standin" if sandbox else "dino-vits16")
-    clip_name = cfg.clip or ("sandbox-clip" if sandbox else "clip-vit-l14")
+    clip_name, dino_name = backbone_names(cfg.base, cfg.clip, cfg.dino)
     dino = load_feature_backbone(dino_name, device)
     clip = ClipEmbedder.load(clip_name, device)
     dino_info = {

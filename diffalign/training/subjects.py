@@ -133,7 +133,13 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
     import yaml
 
     from ..eval.benchmark_models import load_base_pipeline
-    from ..eval.dreambench import ClipEmbedder, dataset_dir, load_dreambench, resolve_dreambench_dir
+    from ..eval.dreambench import (
+        ClipEmbedder,
+        backbone_names,
+        dataset_dir,
+        load_dreambench,
+        resolve_dreambench_dir,
+    )
     from .subject_pairs import SubjectPairsConfig, build_subject_pairs
 
     t0 = time.time()
@@ -169,7 +175,7 @@ def run_subjects(cfg: SubjectRunConfig, train_yaml: dict, train_argv: list[str])
     _check_backbones(cfg, base)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_base_pipeline(base, device)
-    clip = ClipEmbedder.load(cfg.clip or ("sandbox-clip" if base == "sandbox" else "clip-vit-l14"), device)
+    clip = ClipEmbedder.load(backbone_names(base, cfg.clip)[0], device)
     pairs_cfg = SubjectPairsConfig(
         kind="rpo" if spec.subject_pairs == "context" else "dreambooth",
         unique_token=cfg.unique_token,
@@ -284,12 +290,11 @@ def _check_backbones(cfg: SubjectRunConfig, base: str) -> None:
     """The CLIP of labels and selection and, when the run ends with the DreamBench protocol, its DINO are on disk
     (a directory, or a catalog name whose weights are there): a missing one is named before the first subject
     trains, not after the last."""
+    from ..eval.dreambench import backbone_names
     from ..preflight import check_reward, check_reward_weights
 
-    sandbox = base == "sandbox"
-    names = {"subject_clip": cfg.clip or ("sandbox-clip" if sandbox else "clip-vit-l14")}
-    if cfg.eval:
-        names["subject_dino"] = cfg.dino or ("sandbox-dino-standin" if sandbox else "dino-vits16")
+    clip, dino = backbone_names(base, cfg.clip, cfg.dino)
+    names = {"subject_clip": clip, "subject_dino": dino} if cfg.eval else {"subject_clip": clip}
     for field_name, name in names.items():
         if not Path(name).expanduser().is_dir():
             check_reward(field_name, name)
